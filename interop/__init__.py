@@ -1,0 +1,6 @@
+"""interop: the only part of lorax-jax that touches torch, transformers, peft and bitsandbytes.
+
+Those libraries are imported lazily, inside the functions that need them, so that
+`import interop` works without the `[torch]` extra. Checkpoint loading, peft adapter
+export/import and merged-model export arrive here.
+"""

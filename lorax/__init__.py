@@ -1,0 +1,52 @@
+"""lorax: LoRA for JAX as a transform of parameter trees.
+
+>>> import jax, lorax
+>>> graphdef, params = lorax.split(model)                                    # doctest: +SKIP
+>>> params = lorax.lora(params, lorax.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
+>>> lorax.print_trainable_parameters(params)                                 # doctest: +SKIP
+>>> out = lorax.apply(graphdef, params, x)                                   # doctest: +SKIP
+"""
+
+from lorax.apply import ModelDef, apply, split, with_dropout
+from lorax.arrays import LoraArray, TrainableArray, is_adapter
+from lorax.config import LoraConfig
+from lorax.errors import LoraConfigError, LoraError, TargetError, UnsupportedOpError
+from lorax.targets import select_targets
+from lorax.train import optimizer
+from lorax.transform import (
+    combine,
+    count_parameters,
+    disable_adapters,
+    lora,
+    merge,
+    partition,
+    print_trainable_parameters,
+    trainable_mask,
+    unmerge,
+)
+
+__all__ = [
+    "LoraArray",
+    "LoraConfig",
+    "LoraConfigError",
+    "LoraError",
+    "ModelDef",
+    "TargetError",
+    "TrainableArray",
+    "UnsupportedOpError",
+    "apply",
+    "combine",
+    "count_parameters",
+    "disable_adapters",
+    "is_adapter",
+    "lora",
+    "merge",
+    "optimizer",
+    "partition",
+    "print_trainable_parameters",
+    "select_targets",
+    "split",
+    "trainable_mask",
+    "unmerge",
+    "with_dropout",
+]

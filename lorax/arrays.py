@@ -1,0 +1,212 @@
+"""Implicit arrays that stand in for weights: the model code sees an array, the rules below
+decide what each operation on it computes.
+
+`LoraArray` is the LoRA weight `W + scale·A·B` kept as three pieces (the LoRA paper's
+`h = W x + (α/r)·B A x`, written here in our (in, out) layout). Its `dot_general` rule computes
+`x@w + scale·(x@a)@b` and never forms the (in, out) sum; its `gather` rule serves embedding
+lookups the same way. The frozen base `w` sits behind `stop_gradient`, so no gradient ever
+reaches it. An operation without a rule raises `UnsupportedOpError` naming the operation and
+the weight, unless the array was built with `allow_materialize=True`.
+
+`TrainableArray` marks a plain leaf as trained (a bias under `bias="all"`, or a
+`modules_to_save` copy that keeps its frozen original beside it, as peft does).
+
+>>> import jax, jax.numpy as jnp, quax
+>>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
+>>> weight = LoraArray(w, a, b, scale=2.0, path="layer")
+>>> quax.quaxify(lambda x, k: x @ k)(jnp.ones((1, 4)), weight).shape
+(1, 3)
+"""
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import quax
+from jax import lax
+
+from lorax.errors import UnsupportedOpError
+
+
+class LoraArray(quax.ArrayValue):
+    """A weight `w + scale·(a @ b)` held factored.
+
+    Fields:
+        w: the frozen base, (in, out) for a linear kernel or (num_embeddings, dim) for
+            an embedding table. Leading axes (layers stacked for `lax.scan`) are allowed.
+        a: (..., in, r). peft's `lora_A.weight` transposed (`lora_embedding_A` for tables).
+        b: (..., r, out). peft's `lora_B.weight` transposed.
+        scale: lora_alpha / r (or / √r with rsLoRA).
+        path: the module path, for error messages and export.
+        dropout_rate: lora_dropout, applied to the adapter's input when `dropout_key` is set.
+        dropout_key: a PRNG key, set by `lorax.apply(..., dropout_key=...)` during training.
+        allow_materialize: let operations without a rule form `w + scale·a@b` instead of failing.
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    dropout_key: jax.Array | None = None
+    scale: float = eqx.field(static=True, default=1.0)
+    path: str = eqx.field(static=True, default="")
+    dropout_rate: float = eqx.field(static=True, default=0.0)
+    allow_materialize: bool = eqx.field(static=True, default=False)
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    @property
+    def r(self) -> int:
+        return self.a.shape[-1]
+
+    def delta(self) -> jax.Array:
+        """`scale·a@b` in w's layout and dtype: the update that merging adds to w."""
+        return (self.scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
+
+    def materialise(self) -> jax.Array:
+        return lax.stop_gradient(self.w) + self.delta()
+
+    @staticmethod
+    def default(primitive, values: Sequence[Any], params: dict[str, Any]):
+        for value in values:
+            if isinstance(value, LoraArray) and not value.allow_materialize:
+                raise UnsupportedOpError(
+                    f"LoRA weight {value.path!r} {value.shape} met `{primitive.name}`, which has no factored rule "
+                    f"(rules: dot_general, gather, transpose, convert_element_type, copy). Computing it would form the "
+                    f"full W + scale·A·B. Build the params with lorax.lora(..., allow_materialize=True) to allow that."
+                )
+        return quax.Value.default(primitive, values, params)
+
+    def transposed(self) -> "LoraArray":
+        """The 2-D transpose, still factored: (w + s·a b)ᵀ = wᵀ + s·bᵀ aᵀ."""
+        return eqx.tree_at(lambda l: (l.w, l.a, l.b), self, (self.w.T, self.b.T, self.a.T))
+
+    def adapter_input(self, x: jax.Array, dtype) -> jax.Array:
+        """x as the adapter sees it: in the compute dtype, with lora_dropout when training."""
+        x = x.astype(dtype)
+        if self.dropout_key is None or self.dropout_rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout_rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(dtype)
+
+
+class TrainableArray(quax.ArrayValue):
+    """A plain leaf that is trained: a bias (bias="all"/"lora_only") or a modules_to_save copy.
+
+    Fields:
+        value: the trained array the model uses.
+        original: the frozen original (modules_to_save keeps one, as peft's
+            ModulesToSaveWrapper does; it counts in "all params" and is what the model
+            uses with adapters disabled). None for biases.
+    """
+
+    value: jax.Array
+    original: jax.Array | None = None
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("value",)
+
+    def aval(self):
+        return jax.core.ShapedArray(self.value.shape, self.value.dtype)
+
+    def materialise(self) -> jax.Array:
+        # Every operation sees the trained value: this wrapper changes training, not math.
+        return self.value
+
+
+def is_adapter(x: Any) -> bool:
+    """True for the leaves that `lorax.lora` introduces."""
+    return isinstance(x, (LoraArray, TrainableArray))
+
+
+def _dims(dimension_numbers):
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    return tuple(lhs_contract), tuple(rhs_contract), tuple(lhs_batch), tuple(rhs_batch)
+
+
+def _unsupported(weight: LoraArray, what: str):
+    return UnsupportedOpError(f"LoRA weight {weight.path!r} {weight.shape}: {what}")
+
+
+@quax.register(lax.dot_general_p)
+def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimension_numbers, **params):
+    """x·W with W = w + s·a b: the base product plus s·((x·a)·b), never forming W."""
+    if isinstance(x, LoraArray):
+        raise _unsupported(weight, "a product of two LoRA weights has no factored rule")
+    x = x.materialise() if isinstance(x, quax.ArrayValue) else x
+    x_contract, w_contract, x_batch, w_batch = _dims(dimension_numbers)
+    if weight.ndim != 2 or w_batch or len(w_contract) != 1:
+        raise _unsupported(weight, f"dot_general with dimension_numbers={dimension_numbers} (expected a 2-D weight "
+                           "contracted on one axis; stacked weights must be sliced, e.g. by lax.scan)")
+    if w_contract == (1,):
+        weight = weight.transposed()
+    dense = lax.dot_general(x, lax.stop_gradient(weight.w), ((x_contract, (0,)), ((), ())), **params)
+    xa = lax.dot_general(weight.adapter_input(x, dense.dtype), weight.a.astype(dense.dtype),
+                         ((x_contract, (0,)), ((), ())), **params)
+    delta = lax.dot_general(xa, weight.b.astype(dense.dtype), (((xa.ndim - 1,), (0,)), ((), ())), **params)
+    return dense + weight.scale * delta
+
+
+@quax.register(lax.dot_general_p)
+def _dot_general_lhs(weight: LoraArray, x: jax.Array | quax.ArrayValue, *, dimension_numbers, **params):
+    """W·x: the mirror image of the rule above (W's free axis comes first in the result)."""
+    x = x.materialise() if isinstance(x, quax.ArrayValue) else x
+    w_contract, x_contract, w_batch, x_batch = _dims(dimension_numbers)
+    if weight.ndim != 2 or w_batch or len(w_contract) != 1:
+        raise _unsupported(weight, f"dot_general with dimension_numbers={dimension_numbers} (expected a 2-D weight "
+                           "contracted on one axis)")
+    if w_contract == (0,):
+        weight = weight.transposed()
+    dense = lax.dot_general(lax.stop_gradient(weight.w), x, (((1,), x_contract), ((), ())), **params)
+    bx = lax.dot_general(weight.b.astype(dense.dtype), weight.adapter_input(x, dense.dtype),
+                         (((1,), x_contract), ((), ())), **params)
+    delta = lax.dot_general(weight.a.astype(dense.dtype), bx, (((1,), (0,)), ((), ())), **params)
+    return dense + weight.scale * delta
+
+
+@quax.register(lax.gather_p)
+def _gather(table: LoraArray, indices: jax.Array | quax.ArrayValue, *, dimension_numbers, slice_sizes, **params):
+    """Embedding lookup: rows of w plus s·(rows of a)·b (peft's Embedding adds no dropout)."""
+    indices = indices.materialise() if isinstance(indices, quax.ArrayValue) else indices
+    numbers = dimension_numbers
+    row_lookup = (
+        table.ndim == 2
+        and tuple(numbers.collapsed_slice_dims) == (0,)
+        and tuple(numbers.start_index_map) == (0,)
+        and not numbers.operand_batching_dims
+        and tuple(slice_sizes) == (1, table.shape[1])
+        and len(numbers.offset_dims) == 1
+    )
+    if not row_lookup:
+        raise _unsupported(table, f"gather other than a row lookup (dimension_numbers={numbers})")
+    rows = lax.gather(lax.stop_gradient(table.w), indices, numbers, slice_sizes, **params)
+    a_rows = lax.gather(table.a, indices, numbers, (1, table.r), **params)
+    offset = numbers.offset_dims[0]
+    delta = jnp.moveaxis(jnp.moveaxis(a_rows, offset, -1) @ table.b, -1, offset)
+    return rows + (table.scale * delta).astype(rows.dtype)
+
+
+@quax.register(lax.transpose_p)
+def _transpose(weight: LoraArray, *, permutation):
+    if tuple(permutation) == (1, 0):
+        return weight.transposed()
+    if tuple(permutation) == tuple(range(weight.ndim)):
+        return weight
+    raise _unsupported(weight, f"transpose with permutation={permutation}")
+
+
+@quax.register(lax.convert_element_type_p)
+def _convert(weight: LoraArray, *, new_dtype, **params):
+    """Casting the weight casts all three pieces (bf16 compute with fp32 adapters stays differentiable)."""
+    return eqx.tree_at(
+        lambda l: (l.w, l.a, l.b), weight, (weight.w.astype(new_dtype), weight.a.astype(new_dtype),
+                                            weight.b.astype(new_dtype))
+    )
+
+
+@quax.register(lax.copy_p)
+def _copy(weight: LoraArray):
+    return weight

@@ -1,0 +1,156 @@
+"""`LoraConfig`: peft's field names, defaults and meanings, validated up front.
+
+A config written for peft means the same thing here:
+
+>>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+>>> config.scale_for(8, 16)
+2.0
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+from lorax.errors import LoraConfigError, listing, nearest
+
+BIAS_MODES = ("none", "all", "lora_only")
+# peft's TaskType values (peft/utils/peft_types.py).
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+ALL_LINEAR = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which weights get low-rank adapters, and how (the fields of `peft.LoraConfig`).
+
+    Example:
+        >>> LoraConfig(r=3, target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]).r
+        3
+    """
+
+    # Rank of the update B·A.
+    r: int = 8
+    # Scale numerator: the update is (lora_alpha / r)·B·A, or lora_alpha/√r with use_rslora.
+    lora_alpha: float = 8
+    # Dropout on the adapter's input (not the base path), only when an rng is given.
+    lora_dropout: float = 0.0
+    # A list of module names matched on `.` boundaries ("q_proj" matches
+    # "model.layers.0.self_attn.q_proj"), a regex string matched against the whole
+    # dotted path, or "all-linear": every linear kernel except the output head.
+    target_modules: list[str] | str | None = None
+    # Same forms as target_modules; matching modules never get adapters.
+    exclude_modules: list[str] | str | None = None
+    # Only adapt layers with these indices (the first number in the path, or the one
+    # after `layers_pattern`). Needs a list target_modules.
+    layers_to_transform: list[int] | int | None = None
+    # The name of the layer list, e.g. "layers" or "h"; used with layers_to_transform.
+    layers_pattern: list[str] | str | None = None
+    # "none": biases frozen; "all": every bias trainable; "lora_only": biases of adapted modules.
+    bias: str = "none"
+    # Modules trained in full (a trainable copy beside the frozen original), e.g. a new head.
+    modules_to_save: list[str] | None = None
+    # Rank-stabilized LoRA: scale lora_alpha/√r instead of lora_alpha/r.
+    use_rslora: bool = False
+    # Weight-decomposed LoRA; not implemented yet (an error says so).
+    use_dora: bool = False
+    # True: A kaiming-uniform (a=√5), B zero. "gaussian": A ~ N(0, 1/r), B zero.
+    # False: A and B both random (non-zero update; for tests).
+    init_lora_weights: bool | str = True
+    # True when the torch layer stores its weight as (in, out), like GPT-2's Conv1D.
+    # Our kernels are always (in, out); this only changes how interop writes files.
+    fan_in_fan_out: bool = False
+    # Per-module rank / alpha: {name or regex suffix: value}, as in peft.
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    # peft's task type ("CAUSAL_LM", "SEQ_CLS", ...); recorded in exported adapters.
+    task_type: str | None = None
+
+    def __post_init__(self):
+        _validate(self)
+
+    def scale_for(self, r: int, alpha: float) -> float:
+        """The factor in front of B·A for a module with rank `r` and alpha `alpha`."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> "LoraConfig":
+        """Build a config from a dict (e.g. peft's adapter_config.json), rejecting unknown keys.
+
+        Args:
+            fields: field name -> value.
+            ignore: keys that may be present and are skipped (peft bookkeeping fields).
+        """
+        return cls(**{k: v for k, v in fields.items() if k not in ignore})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (lists stay lists)."""
+        return dataclasses.asdict(self)
+
+
+def _reject_unknown_fields(init):
+    """Turn the dataclass's "unexpected keyword argument" into an error with suggestions."""
+    known = [f.name for f in dataclasses.fields(LoraConfig)]
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            hints = "; ".join(
+                f"{k!r}" + (f" (did you mean {nearest(k, known, 1)[0]!r}?)" if nearest(k, known, 1) else "")
+                for k in unknown
+            )
+            raise LoraConfigError(f"unknown LoraConfig field {hints}. Fields: {listing(known)}")
+        init(self, *args, **kwargs)
+
+    return checked_init
+
+
+LoraConfig.__init__ = _reject_unknown_fields(LoraConfig.__init__)
+
+
+def _validate(c: LoraConfig) -> None:
+    def fail(message):
+        raise LoraConfigError(message)
+
+    if not isinstance(c.r, int) or isinstance(c.r, bool) or c.r <= 0:
+        fail(f"r must be a positive integer, got {c.r!r}")
+    for name, rank in c.rank_pattern.items():
+        if not isinstance(rank, int) or rank <= 0:
+            fail(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        fail(f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}")
+    if c.bias not in BIAS_MODES:
+        fail(f"bias must be one of {BIAS_MODES}, got {c.bias!r}")
+    if c.init_lora_weights not in (True, False, "gaussian"):
+        fail(
+            f"init_lora_weights={c.init_lora_weights!r} is not supported; use True (kaiming-uniform A, zero B), "
+            "'gaussian' or False"
+        )
+    if c.use_dora:
+        fail("use_dora=True (DoRA) is not implemented yet; use plain LoRA (use_dora=False)")
+    if c.task_type is not None and c.task_type not in TASK_TYPES:
+        fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")
+    if c.target_modules is None:
+        fail('target_modules is required: a list of module names, a regex, or "all-linear"')
+    if not isinstance(c.target_modules, str) and (
+        not isinstance(c.target_modules, (list, tuple, set, frozenset)) or not c.target_modules
+    ):
+        fail(f"target_modules must be a non-empty list of names or a regex string, got {c.target_modules!r}")
+    if isinstance(c.target_modules, str) and c.layers_to_transform is not None:
+        fail("layers_to_transform cannot be used when target_modules is a regex string; give a list of names")
+    if isinstance(c.target_modules, str) and c.layers_pattern:
+        fail("layers_pattern cannot be used when target_modules is a regex string; give a list of names")
+    if c.layers_pattern and c.layers_to_transform is None:
+        fail("layers_pattern only has a meaning together with layers_to_transform")
+    if c.modules_to_save is not None and isinstance(c.modules_to_save, str):
+        fail(f"modules_to_save must be a list of module names, got the string {c.modules_to_save!r}")
+    if not isinstance(c.target_modules, str) and c.modules_to_save:
+        both = sorted(set(c.target_modules) & set(c.modules_to_save))
+        if both:
+            fail(
+                f"{both} are in both target_modules and modules_to_save: a module either gets an adapter "
+                "or is trained in full, not both"
+            )
+    if not isinstance(c.fan_in_fan_out, bool):
+        fail(f"fan_in_fan_out must be a bool, got {c.fan_in_fan_out!r}")

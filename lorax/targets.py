@@ -1,0 +1,227 @@
+"""Which leaves get adapters: peft's module-matching rules, applied to parameter-tree paths.
+
+A parameter tree is addressed like a torch module tree: the leaf
+`params["model"]["layers"][3]["self_attn"]["q_proj"]["kernel"]` belongs to the module
+`model.layers.3.self_attn.q_proj`. A module with a 2-D (or stacked) `kernel` is a linear
+layer; a module with an `embedding` table is an embedding. Those are what LoRA adapts.
+
+>>> import jax.numpy as jnp
+>>> from lorax.config import LoraConfig
+>>> params = {"seq": {0: {"kernel": jnp.zeros((20, 30)), "bias": jnp.zeros(30)}}}
+>>> [t.path for t in select_targets(LoraConfig(target_modules=["seq.0"]), params)]
+['seq.0']
+"""
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import quax
+
+from lorax.config import ALL_LINEAR, LoraConfig
+from lorax.errors import TargetError, listing, nearest
+
+LINEAR_LEAF = "kernel"
+EMBEDDING_LEAF = "embedding"
+BIAS_LEAF = "bias"
+
+
+def is_value(x: Any) -> bool:
+    """True for quax array-likes (LoraArray, ...): they are leaves of a parameter tree."""
+    return isinstance(x, quax.ArrayValue)
+
+
+def key_name(entry: Any) -> str:
+    """One jax key-path entry as it appears in a dotted module path."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def dotted(keypath: tuple) -> str:
+    """A jax key path as a dotted string: (DictKey('seq'), DictKey(0), DictKey('kernel')) -> 'seq.0.kernel'."""
+    return ".".join(key_name(entry) for entry in keypath)
+
+
+def leaves_by_path(params: Any) -> Iterator[tuple[str, Any]]:
+    """(dotted leaf path, leaf) for every array or quax value in the tree, in tree order."""
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_value)[0]:
+        yield dotted(keypath), leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """A module of the tree: its dotted path, its own leaves by name, and what LoRA sees in it."""
+
+    path: str
+    leaves: dict[str, Any]
+
+    @property
+    def kind(self) -> str | None:
+        """"linear", "embedding", or None (LoRA does not adapt it)."""
+        kernel = self.leaves.get(LINEAR_LEAF)
+        if kernel is not None and getattr(kernel, "ndim", 0) >= 2:
+            return "linear"
+        table = self.leaves.get(EMBEDDING_LEAF)
+        if table is not None and getattr(table, "ndim", 0) == 2:
+            return "embedding"
+        return None
+
+    @property
+    def weight_leaf(self) -> str:
+        return LINEAR_LEAF if self.kind == "linear" else EMBEDDING_LEAF
+
+
+def modules(params: Any) -> dict[str, Module]:
+    """Every module path in the tree (containers included, like torch's named_modules) -> Module."""
+    found: dict[str, dict[str, Any]] = {}
+    for path, leaf in leaves_by_path(params):
+        module_path, _, leaf_name = path.rpartition(".")
+        found.setdefault(module_path, {})[leaf_name] = leaf
+        parts = module_path.split(".") if module_path else []
+        for depth in range(len(parts)):
+            found.setdefault(".".join(parts[:depth]), {})
+    return {path: Module(path, leaves) for path, leaves in found.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A module that gets an adapter: its path, kind, rank and alpha (after rank/alpha patterns)."""
+
+    path: str
+    kind: str
+    r: int
+    lora_alpha: float
+
+
+def _matches_names(names: list[str] | str, key: str) -> bool:
+    """peft's rule: a regex string matches the whole key; a list entry matches the key or a `.`-suffix."""
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return key in names or any(key.endswith(f".{name}") for name in names)
+
+
+def layer_index(config: LoraConfig, key: str) -> int | None:
+    """The layer number peft reads from a key for layers_to_transform (None if there is none)."""
+    if not config.layers_pattern:
+        # peft takes the first numbered segment after at least two names, e.g. "model.layers.3."
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [config.layers_pattern] if isinstance(config.layers_pattern, str) else config.layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _is_saved(config: LoraConfig, key: str) -> bool:
+    return bool(config.modules_to_save) and any(
+        re.match(rf"(^|.*\.){name}($|\..*)", key) for name in config.modules_to_save
+    )
+
+
+def is_target(config: LoraConfig, key: str, all_linear: frozenset[str] = frozenset()) -> bool:
+    """Whether peft's `check_target_module_exists` would adapt the module at `key`."""
+    if config.exclude_modules and _matches_names(config.exclude_modules, key):
+        return False
+    if _is_saved(config, key):
+        return False
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return key in all_linear
+    if not _matches_names(targets, key):
+        return False
+    if isinstance(targets, str) or config.layers_to_transform is None:
+        return True
+    index = layer_index(config, key)
+    wanted = config.layers_to_transform
+    return index is not None and (index == wanted if isinstance(wanted, int) else index in wanted)
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """peft's get_pattern_key: the first pattern that matches a `.`-suffix of key wins."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def select_targets(config: LoraConfig, params: Any, *, output_head: str | None = None) -> list[Target]:
+    """The modules of `params` that `config` adapts, in tree order.
+
+    Args:
+        config: the LoRA config.
+        params: a parameter tree (nested dicts / lists / Flax state as a pure dict).
+        output_head: module path of the output head ("lm_head"), which "all-linear" leaves
+            out as peft does on transformers models. None: keep every linear (peft's
+            behaviour on a plain torch model).
+
+    Raises:
+        TargetError: a target matches nothing (listing the module paths and the nearest
+            names), or matches a module that LoRA cannot adapt.
+    """
+    all_modules = modules(params)
+    linear = frozenset(path for path, m in all_modules.items() if m.kind == "linear" and path != output_head)
+    _check_every_name_matches(config, all_modules)
+    targets = []
+    for path, module in all_modules.items():
+        if not path or not is_target(config, path, linear):
+            continue
+        if module.kind is None:
+            raise TargetError(
+                f"target {path!r} matched a module that LoRA cannot adapt (leaves: {listing(module.leaves) or 'none'}); "
+                f"LoRA adapts modules with a 2-D {LINEAR_LEAF!r} (linear) or an {EMBEDDING_LEAF!r} table"
+            )
+        r = _pattern_value(config.rank_pattern, path, config.r)
+        alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
+        targets.append(Target(path, module.kind, r, alpha))
+    if not targets:
+        adaptable = [p for p, m in all_modules.items() if m.kind]
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matched no adaptable module "
+            f"(after exclude_modules / layers_to_transform / modules_to_save). Linear and embedding modules: "
+            f"{listing(adaptable)}"
+        )
+    return targets
+
+
+def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:
+    """A listed name (target, modules_to_save, exclude) that matches no module is a typo: say so."""
+    paths = [p for p in all_modules if p]
+    # exclude_modules is left out: an exclusion that matches nothing changes nothing.
+    named = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
+    for field, names in named.items():
+        if not names or isinstance(names, str):
+            continue
+        for name in names:
+            if field == "modules_to_save":
+                found = any(p.endswith(name) for p in paths)
+            else:
+                found = any(_matches_names([name], p) for p in paths)
+            if not found:
+                hint = nearest(name, paths)
+                raise TargetError(
+                    f"{field} entry {name!r} matches no module of the model"
+                    + (f"; nearest: {hint}" if hint else "")
+                    + f". Module paths: {listing(paths)}"
+                )
+    if isinstance(config.target_modules, str) and config.target_modules.lower() != ALL_LINEAR:
+        try:
+            re.compile(config.target_modules)
+        except re.error as error:
+            raise TargetError(f"target_modules regex {config.target_modules!r} does not compile: {error}") from None
+
+
+def saved_module_paths(config: LoraConfig, params: Any) -> list[str]:
+    """Module paths that modules_to_save trains in full (peft: the key ends with the name)."""
+    if not config.modules_to_save:
+        return []
+    paths = [p for p in modules(params) if p]
+    chosen = [p for p in paths if any(p.endswith(name) for name in config.modules_to_save)]
+    # A match nested inside another match is already covered by the outer module.
+    return [p for p in chosen if not any(p.startswith(outer + ".") for outer in chosen if outer != p)]

@@ -1,0 +1,228 @@
+"""LoRA as a transform of a parameter tree.
+
+    params ──lora()──▶ params' (targeted kernels are LoraArray(w, a, b); the model code is unchanged)
+    params' ──merge()──▶ plain arrays again, w + scale·a@b
+
+Nothing here knows about models: a tree of arrays goes in, a tree comes out, and
+`lorax.apply` runs any function of that tree with the implicit arrays dispatched.
+
+>>> import jax, jax.numpy as jnp
+>>> from lorax.config import LoraConfig
+>>> params = {"seq": {0: {"kernel": jnp.ones((20, 2000)), "bias": jnp.zeros(2000)}}}
+>>> adapted = lora(params, LoraConfig(r=3, target_modules=["seq.0"]), key=jax.random.key(0))
+>>> count_parameters(adapted)
+(6060, 48060)
+"""
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from lorax.arrays import LoraArray, TrainableArray, is_adapter
+from lorax.config import LoraConfig
+from lorax.errors import LoraError
+from lorax.targets import BIAS_LEAF, Target, dotted, modules, saved_module_paths, select_targets
+
+
+def _init_factors(target: Target, w: jax.Array, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """A (in, r) and B (r, out) initialised like peft's LoraLayer.reset_lora_parameters.
+
+    Linear: A is kaiming-uniform with a=√5 (uniform in ±1/√in, torch's nn.Linear default)
+    or N(0, 1/r²) for "gaussian"; B is zero, so the adapted model equals the base at init.
+    Embedding: A zero, B standard normal (peft's choice for lora_embedding_A/B).
+    init=False: both random, so the update is non-zero (for tests).
+    """
+    *stack, d_in, d_out = w.shape
+    r = target.r
+    key_a, key_b = jax.random.split(key)
+    a_shape, b_shape = (*stack, d_in, r), (*stack, r, d_out)
+    if target.kind == "embedding":
+        a = jax.random.normal(key_a, a_shape, dtype) if init is False else jnp.zeros(a_shape, dtype)
+        return a, jax.random.normal(key_b, b_shape, dtype)
+    if init == "gaussian":
+        a = jax.random.normal(key_a, a_shape, dtype) / r
+    else:
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key_a, a_shape, dtype, -bound, bound)
+    if init is False:
+        # torch's default nn.Linear(r, out) init for lora_B: uniform in ±1/√r.
+        bound = 1.0 / math.sqrt(r)
+        return a, jax.random.uniform(key_b, b_shape, dtype, -bound, bound)
+    return a, jnp.zeros(b_shape, dtype)
+
+
+def _adapter_dtype(w_dtype, adapter_dtype):
+    """peft keeps adapters in fp32 when the base is bf16/fp16 (autocast_adapter_dtype=True)."""
+    if adapter_dtype is not None:
+        return jnp.dtype(adapter_dtype)
+    return jnp.promote_types(w_dtype, jnp.float32)
+
+
+def lora(
+    params: Any,
+    config: LoraConfig,
+    *,
+    key: jax.Array,
+    output_head: str | None = None,
+    adapter_dtype=None,
+    allow_materialize: bool = False,
+) -> Any:
+    """Add LoRA adapters to the modules that `config` targets.
+
+    Args:
+        params: a parameter tree of arrays (e.g. from `lorax.split(model)`).
+        config: which modules to adapt and how (`LoraConfig`, peft's fields).
+        key: PRNG key for A (and B with init_lora_weights=False).
+        output_head: module path of the output head that "all-linear" leaves out ("lm_head").
+        adapter_dtype: dtype of A and B; default fp32 (or the base dtype if wider).
+        allow_materialize: let operations without a factored rule form W + s·A·B.
+
+    Returns:
+        The same tree with each targeted weight a `LoraArray`, trained biases and
+        modules_to_save leaves `TrainableArray`s, and every other leaf unchanged.
+
+    Example:
+        >>> params = lora(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
+    """
+    if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
+        raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
+    targets = select_targets(config, params, output_head=output_head)
+    all_modules = modules(params)
+    by_leaf = {f"{t.path}.{all_modules[t.path].weight_leaf}": t for t in targets}
+    adapted_paths = {t.path for t in targets}
+    saved = saved_module_paths(config, params)
+    keys = iter(jax.random.split(key, len(targets)))
+
+    def transform(keypath, leaf):
+        path = dotted(keypath)
+        module_path, _, leaf_name = path.rpartition(".")
+        if path in by_leaf:
+            target = by_leaf[path]
+            a, b = _init_factors(target, leaf, config.init_lora_weights, next(keys), _adapter_dtype(leaf.dtype, adapter_dtype))
+            return LoraArray(
+                leaf, a, b, scale=config.scale_for(target.r, target.lora_alpha), path=target.path,
+                dropout_rate=config.lora_dropout if target.kind == "linear" else 0.0,
+                allow_materialize=allow_materialize,
+            )
+        if any(module_path == p or module_path.startswith(p + ".") for p in saved):
+            return TrainableArray(leaf, original=leaf)
+        if leaf_name == BIAS_LEAF and (config.bias == "all" or (config.bias == "lora_only" and module_path in adapted_paths)):
+            return TrainableArray(leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(transform, params)
+
+
+def _map_adapters(fn, params: Any) -> Any:
+    """Apply fn to every LoraArray / TrainableArray leaf; other leaves pass through."""
+    return jax.tree_util.tree_map(lambda x: fn(x) if is_adapter(x) else x, params, is_leaf=is_adapter)
+
+
+def merge(params: Any) -> Any:
+    """Fold every adapter into its weight: `w + scale·a@b`; modules_to_save copies replace
+    their originals (peft's merge_and_unload). Returns a tree of plain arrays.
+
+    Example:
+        >>> merged = lorax.merge(params)   # same outputs, no adapter cost at inference
+    """
+    def merged(leaf):
+        if isinstance(leaf, LoraArray):
+            return leaf.w + leaf.delta()
+        return leaf.value
+
+    return _map_adapters(merged, params)
+
+
+def unmerge(merged: Any, adapted: Any) -> Any:
+    """Take the adapters of `adapted` back out of `merged` weights: `w = merged - scale·a@b`.
+
+    Args:
+        merged: plain arrays, as returned by `merge(adapted)` (or trained further).
+        adapted: the LoRA tree whose A/B (and modules_to_save originals) to separate out.
+
+    Returns:
+        A LoRA tree like `adapted` whose base weights come from `merged`.
+    """
+    def separate(merged_leaf, leaf):
+        if isinstance(leaf, LoraArray):
+            return eqx.tree_at(lambda l: l.w, leaf, merged_leaf - leaf.delta())
+        if isinstance(leaf, TrainableArray):
+            return eqx.tree_at(lambda l: l.value, leaf, merged_leaf)
+        return merged_leaf
+
+    return jax.tree_util.tree_map(separate, merged, adapted, is_leaf=is_adapter)
+
+
+def disable_adapters(params: Any) -> Any:
+    """The base model's tree: LoRA weights become their frozen `w`, modules_to_save copies their
+    originals (peft's `disable_adapter()`); trained biases stay as trained, as in peft.
+
+    Example:
+        >>> base_out = lorax.apply(graphdef, lorax.disable_adapters(params), x)
+    """
+    def base(leaf):
+        if isinstance(leaf, LoraArray):
+            return leaf.w
+        return leaf.value if leaf.original is None else leaf.original
+
+    return _map_adapters(base, params)
+
+
+def trainable_mask(params: Any) -> Any:
+    """A tree like `params` with True on trained arrays (A, B, trained biases and copies) and
+    False elsewhere. Works on partitioned trees too (None leaves stay None).
+
+    Example:
+        >>> optax.masked(optax.adamw(1e-3), lorax.trainable_mask(params))
+    """
+    def mask(leaf):
+        if is_adapter(leaf):
+            fields = type(leaf).trainable_fields
+            return jax.tree_util.tree_map_with_path(lambda path, _: path[0].name in fields, leaf)
+        return jax.tree_util.tree_map(lambda _: False, leaf)
+
+    return jax.tree_util.tree_map(mask, params, is_leaf=is_adapter)
+
+
+def partition(params: Any) -> tuple[Any, Any]:
+    """Split into (trainable, frozen): two trees of the same structure with None where the
+    other one has the array. Differentiate and optimize `trainable` only.
+
+    Example:
+        >>> trainable, frozen = lorax.partition(params)
+        >>> grads = jax.grad(lambda t: loss(lorax.combine(t, frozen)))(trainable)
+    """
+    return eqx.partition(params, trainable_mask(params))
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `partition`."""
+    return eqx.combine(trainable, frozen)
+
+
+def count_parameters(params: Any) -> tuple[int, int]:
+    """(trainable, all) parameter counts, counted as peft counts them: A and B are added to the
+    base, and a modules_to_save copy counts beside its original.
+
+    Example:
+        >>> lorax.count_parameters(params)
+        (12660, 455262)
+    """
+    trainable = total = 0
+    for leaf, is_trained in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(trainable_mask(params))
+    ):
+        if not hasattr(leaf, "size") or not jnp.issubdtype(leaf.dtype, jnp.number):
+            continue  # PRNG keys and other non-parameters
+        total += int(leaf.size)
+        trainable += int(leaf.size) if is_trained else 0
+    return trainable, total
+
+
+def print_trainable_parameters(params: Any) -> None:
+    """Print peft's line: `trainable params: 12,660 || all params: 455,262 || trainable%: 2.7808`."""
+    trainable, total = count_parameters(params)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

@@ -1,0 +1,148 @@
+"""Shared test fixtures: the same small models built in torch (for peft) and as JAX trees.
+
+Tests compare lorax against the real peft: a torch model and a JAX tree hold the same
+weights, peft adapts the torch one, lorax the tree, and the two must agree.
+"""
+
+import contextlib
+import copy
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+from torch import nn
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+class TorchMLP(nn.Module):
+    """Seed 000's MLP: 20 -> 2000 -> 200 -> 2, module paths seq.0 / seq.2 / seq.4."""
+
+    def __init__(self, sizes=(20, 2000, 200, 2)):
+        super().__init__()
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        layers.append(nn.LogSoftmax(dim=-1))
+        self.seq = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.seq(x)
+
+
+def jax_mlp(params, x):
+    """The same MLP as a plain function of a tree keyed like the torch module."""
+    layers = sorted(params["seq"])
+    for i in layers:
+        x = x @ params["seq"][i]["kernel"] + params["seq"][i]["bias"]
+        if i != layers[-1]:
+            x = jax.nn.relu(x)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+class TorchTiny(nn.Module):
+    """A tiny decoder-shaped model: embeddings, numbered layers with attention-like
+    projections and an MLP, a norm, and an untied head. Paths look like a Llama's."""
+
+    def __init__(self, vocab=50, dim=16, layers=3):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(vocab, dim)
+        self.model.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.self_attn = nn.Module()
+            layer.self_attn.q_proj = nn.Linear(dim, dim, bias=True)
+            layer.self_attn.v_proj = nn.Linear(dim, dim, bias=False)
+            layer.mlp = nn.Module()
+            layer.mlp.up_proj = nn.Linear(dim, 2 * dim, bias=False)
+            layer.mlp.down_proj = nn.Linear(2 * dim, dim, bias=False)
+            layer.norm = nn.LayerNorm(dim)
+            self.model.layers.append(layer)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids):
+        h = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            a = layer.self_attn
+            h = h + torch.tanh(a.q_proj(h)) * a.v_proj(h)
+            h = h + layer.mlp.down_proj(torch.relu(layer.mlp.up_proj(layer.norm(h))))
+        return self.lm_head(h)
+
+
+def jax_tiny(params, ids):
+    m = params["model"]
+    h = m["embed_tokens"]["embedding"][ids]
+    for i in sorted(m["layers"]):
+        layer = m["layers"][i]
+        a = layer["self_attn"]
+        q = h @ a["q_proj"]["kernel"] + a["q_proj"]["bias"]
+        h = h + jnp.tanh(q) * (h @ a["v_proj"]["kernel"])
+        norm = layer["norm"]
+        mean = h.mean(-1, keepdims=True)
+        var = ((h - mean) ** 2).mean(-1, keepdims=True)
+        normed = (h - mean) / jnp.sqrt(var + 1e-5) * norm["scale"] + norm["bias"]
+        up = jax.nn.relu(normed @ layer["mlp"]["up_proj"]["kernel"])
+        h = h + up @ layer["mlp"]["down_proj"]["kernel"]
+    return h @ params["lm_head"]["kernel"]
+
+
+def torch_to_params(module: nn.Module) -> dict:
+    """A torch module's parameters as a JAX tree in our layout: Linear weight -> kernel (in, out),
+    Embedding weight -> embedding, LayerNorm weight -> scale; numbered children get int keys."""
+    kinds = {name: type(m) for name, m in module.named_modules()}
+    params: dict = {}
+    for name, tensor in module.state_dict().items():
+        module_path, _, leaf = name.rpartition(".")
+        value = tensor.detach().numpy()
+        kind = kinds[module_path]
+        if leaf == "weight":
+            if issubclass(kind, nn.Linear):
+                leaf, value = "kernel", value.T
+            elif issubclass(kind, nn.Embedding):
+                leaf = "embedding"
+            elif issubclass(kind, nn.LayerNorm):
+                leaf = "scale"
+        node = params
+        for part in module_path.split("."):
+            node = node.setdefault(int(part) if part.isdigit() else part, {})
+        node[leaf] = jnp.asarray(value)
+    return params
+
+
+def peft_line(peft_model) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        peft_model.print_trainable_parameters()
+    return out.getvalue().strip()
+
+
+def lorax_line(params) -> str:
+    import lorax
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lorax.print_trainable_parameters(params)
+    return out.getvalue().strip()
+
+
+def peft_model_for(torch_model, **config):
+    return peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config))
+
+
+@pytest.fixture(scope="session")
+def torch_mlp():
+    torch.manual_seed(0)
+    return TorchMLP().eval()
+
+
+@pytest.fixture(scope="session")
+def torch_tiny():
+    torch.manual_seed(0)
+    return TorchTiny().eval()

@@ -1,0 +1,191 @@
+"""lorax against peft on the same torch/JAX models: which modules are adapted, the printed
+counts, the outputs with the same A/B, the merged weights, and the disabled-adapter outputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lorax
+from conftest import (
+    jax_mlp,
+    jax_tiny,
+    lorax_line,
+    peft_line,
+    peft_model_for,
+    torch_to_params,
+)
+
+MLP_CONFIGS = [
+    dict(r=3, target_modules=["seq.0", "seq.2"]),
+    dict(r=3, target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]),
+    dict(r=4, target_modules=r"seq\.[02]"),
+    dict(r=2, target_modules="all-linear"),
+    dict(r=2, target_modules="all-linear", exclude_modules=["seq.4"]),
+    dict(r=3, target_modules=["seq.0", "seq.2"], bias="all"),
+    dict(r=3, target_modules=["seq.0"], bias="lora_only"),
+    dict(r=3, target_modules=["seq.0"], modules_to_save=["seq.4"], bias="lora_only"),
+    dict(r=4, lora_alpha=16, target_modules=["seq.0", "seq.2", "seq.4"], rank_pattern={"seq.2": 2}, alpha_pattern={"seq.4": 3}),
+    dict(r=4, lora_alpha=8, target_modules=["seq.0", "seq.2"], use_rslora=True),
+]
+
+TINY_CONFIGS = [
+    dict(r=2, target_modules=["q_proj", "v_proj"]),
+    dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
+    dict(r=2, target_modules=["q_proj"], layers_to_transform=1, layers_pattern="layers"),
+    dict(r=2, target_modules=r".*\.mlp\..*_proj"),
+    dict(r=2, target_modules="all-linear", exclude_modules=["lm_head"]),
+    dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
+    dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], bias="all"),
+    dict(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 1}, alpha_pattern={"up_proj": 2}),
+]
+
+TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _torch_value(leaf_name, array):
+    value = np.asarray(array)
+    return torch.from_numpy((value.T if leaf_name == "kernel" else value).copy())
+
+
+def sync_into_peft(params, peft_model) -> None:
+    """Give the peft model our adapter values: A/B (peft: lora_A (r, in), lora_B (out, r)),
+    modules_to_save copies and trained biases, so both compute with the same weights."""
+    state = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lorax.is_adapter)[0]:
+            if isinstance(leaf, lorax.LoraArray):
+                prefix = f"base_model.model.{leaf.path}"
+                a_name, b_name = f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"
+                if a_name not in state:  # embeddings
+                    a_name, b_name = f"{prefix}.lora_embedding_A.default", f"{prefix}.lora_embedding_B.default"
+                state[a_name].copy_(torch.from_numpy(np.asarray(leaf.a).T.copy()))
+                state[b_name].copy_(torch.from_numpy(np.asarray(leaf.b).T.copy()))
+            elif isinstance(leaf, lorax.TrainableArray):
+                path = lorax.targets.dotted(keypath)
+                module, _, name = path.rpartition(".")
+                candidates = [
+                    f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
+                    f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
+                    f"base_model.model.{module}.{TORCH_LEAF[name]}",
+                ]
+                target = next(c for c in candidates if c in state)
+                state[target].copy_(_torch_value(name, leaf.value))
+
+
+def perturb_trained_leaves(params, key):
+    """Move trained biases and modules_to_save copies away from their originals, so a test
+    can tell whether a model used the trained value or the original."""
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lorax.is_adapter)
+    keys = jax.random.split(key, len(leaves))
+    moved = [
+        lorax.TrainableArray(leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape), leaf.original)
+        if isinstance(leaf, lorax.TrainableArray) else leaf
+        for leaf, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, moved)
+
+
+def adapted_paths(params):
+    return sorted(leaf.path for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter)
+                  if isinstance(leaf, lorax.LoraArray))
+
+
+def check_against_peft(torch_model, jax_fn, inputs, config, output_head=None):
+    base = torch_to_params(torch_model)
+    peft_model = peft_model_for(torch_model, init_lora_weights=False, **config)
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1),
+                        output_head=output_head)
+    params = perturb_trained_leaves(params, jax.random.key(2))
+    sync_into_peft(params, peft_model)
+
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    assert lorax_line(params) == peft_line(peft_model)
+
+    ours = lorax.apply(jax_fn, params, jnp.asarray(inputs.numpy()))
+    with torch.no_grad():
+        theirs = peft_model(inputs).numpy()
+        with peft_model.disable_adapter():
+            theirs_disabled = peft_model(inputs).numpy()
+    base_out = jax_fn(base, jnp.asarray(inputs.numpy()))
+    assert np.abs(np.asarray(ours) - np.asarray(base_out)).max() > 1e-3, "the adapters must change the output"
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jax_fn(lorax.disable_adapters(params), jnp.asarray(inputs.numpy())),
+                               theirs_disabled, atol=1e-5, rtol=1e-5)
+
+    merged = lorax.merge(params)
+    peft_merged = torch_to_params(peft_model.merge_and_unload())
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(peft_merged)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), merged, peft_merged)
+    np.testing.assert_allclose(jax_fn(merged, jnp.asarray(inputs.numpy())), ours, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", MLP_CONFIGS, ids=lambda c: str(c))
+def test_mlp_matches_peft(torch_mlp, config):
+    x = torch.rand(8, 20, generator=torch.Generator().manual_seed(0))
+    check_against_peft(torch_mlp, jax_mlp, x, config)
+
+
+@pytest.mark.parametrize("config", TINY_CONFIGS, ids=lambda c: str(c))
+def test_tiny_decoder_matches_peft(torch_tiny, config):
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    check_against_peft(torch_tiny, jax_tiny, ids, config)
+
+
+def test_seed_000_numbers(torch_mlp):
+    """Seed 000's printed figures, produced by peft and by us on the same MLP."""
+    base = torch_to_params(torch_mlp)
+    cases = [
+        (dict(r=3, target_modules=["seq.0", "seq.2"]), "trainable params: 12,660 || all params: 455,262 || trainable%: 2.7808"),
+        (dict(r=3, target_modules=["seq.0", "seq.2"], modules_to_save=["seq.4"]),
+         "trainable params: 13,062 || all params: 455,664 || trainable%: 2.8666"),
+    ]
+    for config, line in cases:
+        params = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+        assert lorax_line(params) == peft_line(peft_model_for(torch_mlp, **config)) == line
+        assert lorax.count_parameters(lorax.merge(params)) == (0, 442_602)
+
+
+def test_all_linear_leaves_out_the_head_of_a_transformers_model():
+    """On a transformers model peft's "all-linear" skips the output head; output_head= does that here."""
+    import peft
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    base = torch_to_params(model)  # before peft rewrites the modules in place
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules="all-linear"))
+    params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules="all-linear"), key=jax.random.key(0),
+                        output_head="lm_head")
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    assert "lm_head" not in adapted_paths(params)
+    assert lorax_line(params) == peft_line(peft_model)
+
+
+def test_init_equals_base_and_b_is_zero(torch_mlp):
+    """At init (peft's default init) B is zero, so the adapted model computes the base model."""
+    base = torch_to_params(torch_mlp)
+    x = jnp.asarray(np.random.default_rng(0).random((4, 20), dtype=np.float32))
+    for init in (True, "gaussian"):
+        params = lorax.lora(base, lorax.LoraConfig(r=3, target_modules=["seq.0", "seq.2"], init_lora_weights=init),
+                            key=jax.random.key(0))
+        np.testing.assert_array_equal(lorax.apply(jax_mlp, params, x), jax_mlp(base, x))
+        for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter):
+            if isinstance(leaf, lorax.LoraArray):
+                assert not np.any(np.asarray(leaf.b))
+                assert np.any(np.asarray(leaf.a))
+
+
+def test_kaiming_init_distribution_matches_peft(torch_mlp):
+    """A is kaiming-uniform(a=√5) like peft's: same bound 1/√in, and the samples fill it."""
+    params = lorax.lora(torch_to_params(torch_mlp), lorax.LoraConfig(r=64, target_modules=["seq.2"]),
+                        key=jax.random.key(0))
+    ours = np.asarray(params["seq"][2]["kernel"].a)
+    theirs = peft_model_for(torch_mlp, r=64, target_modules=["seq.2"]).base_model.model.seq[2].lora_A["default"].weight
+    theirs = theirs.detach().numpy()
+    assert ours.shape == theirs.T.shape
+    np.testing.assert_allclose(np.abs(ours).max(), np.abs(theirs).max(), rtol=1e-2)
+    np.testing.assert_allclose(ours.std(), theirs.std(), rtol=2e-2)

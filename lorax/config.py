@@ -91,15 +91,19 @@ class LoraConfig:
 def _reject_unknown_fields(init):
     """Turn the dataclass's "unexpected keyword argument" into an error with suggestions."""
     known = [f.name for f in dataclasses.fields(LoraConfig)]
+    # Names people carry over from papers and other libraries.
+    aliases = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+               "target": "target_modules", "rslora": "use_rslora"}
+
+    def suggestion(name):
+        guess = aliases.get(name) or next(iter(nearest(name, known, 1)), None)
+        return f" (did you mean {guess!r}?)" if guess else ""
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
         unknown = [k for k in kwargs if k not in known]
         if unknown:
-            hints = "; ".join(
-                f"{k!r}" + (f" (did you mean {nearest(k, known, 1)[0]!r}?)" if nearest(k, known, 1) else "")
-                for k in unknown
-            )
+            hints = "; ".join(f"{k!r}{suggestion(k)}" for k in unknown)
             raise LoraConfigError(f"unknown LoraConfig field {hints}. Fields: {listing(known)}")
         init(self, *args, **kwargs)
 

@@ -80,10 +80,10 @@ def modules(params: Any) -> dict[str, Module]:
     found: dict[str, dict[str, Any]] = {}
     for path, leaf in leaves_by_path(params):
         module_path, _, leaf_name = path.rpartition(".")
-        found.setdefault(module_path, {})[leaf_name] = leaf
         parts = module_path.split(".") if module_path else []
-        for depth in range(len(parts)):
+        for depth in range(len(parts)):  # containers first, as torch's named_modules lists them
             found.setdefault(".".join(parts[:depth]), {})
+        found.setdefault(module_path, {})[leaf_name] = leaf
     return {path: Module(path, leaves) for path, leaves in found.items()}
 
 
@@ -168,10 +168,13 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
     all_modules = modules(params)
     linear = frozenset(path for path, m in all_modules.items() if m.kind == "linear" and path != output_head)
     _check_every_name_matches(config, all_modules)
+    saved = saved_module_paths(config, params)
     targets = []
     for path, module in all_modules.items():
         if not path or not is_target(config, path, linear):
             continue
+        if any(path == p or path.startswith(p + ".") for p in saved):
+            continue  # trained in full already; an adapter on top would conflict (peft excludes these too)
         if module.kind is None:
             raise TargetError(
                 f"target {path!r} matched a module that LoRA cannot adapt (leaves: {listing(module.leaves) or 'none'}); "
@@ -181,11 +184,13 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
         alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
         targets.append(Target(path, module.kind, r, alpha))
     if not targets:
-        adaptable = [p for p, m in all_modules.items() if m.kind]
+        adaptable = [p for p, m in all_modules.items() if m.kind and p]
+        root = " A kernel at the root of the tree has no module name: put the layer under a named attribute." \
+            if all_modules.get("", Module("", {})).kind else ""
         raise TargetError(
             f"target_modules={config.target_modules!r} matched no adaptable module "
             f"(after exclude_modules / layers_to_transform / modules_to_save). Linear and embedding modules: "
-            f"{listing(adaptable)}"
+            f"{listing(adaptable) or 'none'}.{root}"
         )
     return targets
 

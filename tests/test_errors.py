@@ -1,0 +1,77 @@
+"""Bad input gets an error that says what was wrong and what would be right."""
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import lorax
+
+
+def mlp_params():
+    sizes = [(20, 30), (30, 10), (10, 2)]
+    return {"seq": {2 * i: {"kernel": jnp.ones(s), "bias": jnp.zeros(s[1])} for i, s in enumerate(sizes)},
+            "norm": {"scale": jnp.ones(2)}}
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(rank=8, target_modules=["q"]), r"unknown LoraConfig field 'rank' \(did you mean 'r'\?\)"),
+        (dict(r=0, target_modules=["q"]), r"r must be a positive integer, got 0"),
+        (dict(r=2.5, target_modules=["q"]), r"r must be a positive integer"),
+        (dict(target_modules=["q"], rank_pattern={"q": -1}), r"rank_pattern\['q'\] must be a positive integer"),
+        (dict(target_modules=["q"], bias="some"), r"bias must be one of \('none', 'all', 'lora_only'\)"),
+        (dict(target_modules=["q"], lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
+        (dict(target_modules=["q"], init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
+        (dict(target_modules=["q"], use_dora=True), r"DoRA\) is not implemented yet"),
+        (dict(target_modules=["q"], task_type="CAUSAL"), r"task_type must be one of"),
+        (dict(), r"target_modules is required"),
+        (dict(target_modules=[]), r"non-empty list"),
+        (dict(target_modules=r".*q", layers_to_transform=[0]), r"layers_to_transform cannot be used when target_modules is a regex"),
+        (dict(target_modules=["q"], layers_pattern="layers"), r"layers_pattern only has a meaning together with layers_to_transform"),
+        (dict(target_modules=["q", "head"], modules_to_save=["head"]), r"\['head'\] are in both target_modules and modules_to_save"),
+    ],
+)
+def test_bad_config_fields(fields, message):
+    with pytest.raises(lorax.LoraConfigError, match=message):
+        lorax.LoraConfig(**fields)
+
+
+def test_target_that_matches_nothing_lists_modules_and_nearest():
+    with pytest.raises(lorax.TargetError, match=r"target_modules entry 'seq.O' matches no module.*nearest: \[[^]]*'seq.0'") as error:
+        lorax.lora(mlp_params(), lorax.LoraConfig(target_modules=["seq.O"]), key=jax.random.key(0))
+    assert "Module paths: norm, seq, seq.0, seq.2, seq.4" in str(error.value)
+
+
+def test_regex_that_matches_nothing_lists_adaptable_modules():
+    with pytest.raises(lorax.TargetError, match=r"matched no adaptable module.*Linear and embedding modules: seq.0, seq.2, seq.4"):
+        lorax.lora(mlp_params(), lorax.LoraConfig(target_modules=r".*q_proj"), key=jax.random.key(0))
+
+
+def test_target_on_a_module_lora_cannot_adapt():
+    with pytest.raises(lorax.TargetError, match=r"target 'norm' matched a module that LoRA cannot adapt \(leaves: scale\)"):
+        lorax.lora(mlp_params(), lorax.LoraConfig(target_modules=["norm"]), key=jax.random.key(0))
+    with pytest.raises(lorax.TargetError, match=r"target 'seq' matched a module that LoRA cannot adapt"):
+        lorax.lora(mlp_params(), lorax.LoraConfig(target_modules="seq"), key=jax.random.key(0))
+
+
+def test_modules_to_save_that_matches_nothing():
+    with pytest.raises(lorax.TargetError, match=r"modules_to_save entry 'head' matches no module"):
+        lorax.lora(mlp_params(), lorax.LoraConfig(target_modules=["seq.0"], modules_to_save=["head"]), key=jax.random.key(0))
+
+
+def test_root_kernel_error_says_how_to_fix():
+    with pytest.raises(lorax.TargetError, match=r"put the layer under a named attribute"):
+        lorax.lora({"kernel": jnp.ones((3, 3))}, lorax.LoraConfig(target_modules=".*"), key=jax.random.key(0))
+
+
+def test_adapting_twice_is_refused():
+    params = lorax.lora(mlp_params(), lorax.LoraConfig(target_modules=["seq.0"]), key=jax.random.key(0))
+    with pytest.raises(lorax.LoraError, match=r"already hold adapters; call lorax.merge"):
+        lorax.lora(params, lorax.LoraConfig(target_modules=["seq.2"]), key=jax.random.key(0))
+
+
+def test_optimizer_without_trainable_leaves():
+    with pytest.raises(lorax.LoraError, match=r"no trainable leaves: call lorax.lora"):
+        lorax.optimizer(optax.adamw(1e-3), mlp_params())

@@ -131,6 +131,16 @@ def _unsupported(weight: LoraArray, what: str):
     return UnsupportedOpError(f"LoRA weight {weight.path!r} {weight.shape}: {what}")
 
 
+def _frozen(w):
+    """The base weight without a gradient. It may itself be an implicit array (an NF4-quantized
+    weight: QLoRA); stop_gradient then applies to its arrays, and its own rules compute with it."""
+    return jax.tree_util.tree_map(lax.stop_gradient, w)
+
+
+def _dot(lhs, rhs, dimension_numbers, params):
+    return quax.quaxify(lax.dot_general)(lhs, rhs, dimension_numbers, **params)
+
+
 @quax.register(lax.dot_general_p)
 def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimension_numbers, **params):
     """x·W with W = w + s·a b: the base product plus s·((x·a)·b), never forming W."""
@@ -143,7 +153,7 @@ def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimen
                            "contracted on one axis; stacked weights must be sliced, e.g. by lax.scan)")
     if w_contract == (1,):
         weight = weight.transposed()
-    dense = lax.dot_general(x, lax.stop_gradient(weight.w), ((x_contract, (0,)), ((), ())), **params)
+    dense = _dot(x, _frozen(weight.w), ((x_contract, (0,)), ((), ())), params)
     xa = lax.dot_general(weight.adapter_input(x, dense.dtype), weight.a.astype(dense.dtype),
                          ((x_contract, (0,)), ((), ())), **params)
     delta = lax.dot_general(xa, weight.b.astype(dense.dtype), (((xa.ndim - 1,), (0,)), ((), ())), **params)
@@ -160,7 +170,7 @@ def _dot_general_lhs(weight: LoraArray, x: jax.Array | quax.ArrayValue, *, dimen
                            "contracted on one axis)")
     if w_contract == (0,):
         weight = weight.transposed()
-    dense = lax.dot_general(lax.stop_gradient(weight.w), x, (((1,), x_contract), ((), ())), **params)
+    dense = _dot(_frozen(weight.w), x, (((1,), x_contract), ((), ())), params)
     bx = lax.dot_general(weight.b.astype(dense.dtype), weight.adapter_input(x, dense.dtype),
                          (((1,), x_contract), ((), ())), **params)
     delta = lax.dot_general(weight.a.astype(dense.dtype), bx, (((1,), (0,)), ((), ())), **params)

@@ -163,3 +163,21 @@ def test_stacked_layers_under_scan():
 
     got = jax.jit(quax.quaxify(model))(stacked, x)
     np.testing.assert_allclose(got, model(stacked.w + 0.5 * stacked.a @ stacked.b, x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_match_the_materialized_weight():
+    """Input and adapter gradients equal those of x @ (W + s·A·B) formed densely."""
+    weight = random_lora(jax.random.key(0), 7, 5, 3, 0.7)
+    x = jax.random.normal(jax.random.key(1), (4, 7))
+
+    def loss(x, a, b):
+        w = LoraArray(weight.w, a, b, scale=weight.scale, path="layer")
+        return jnp.sum(jnp.sin(quax.quaxify(lambda x, w: x @ w)(x, w)))
+
+    def dense_loss(x, a, b):
+        return jnp.sum(jnp.sin(x @ (weight.w + weight.scale * a @ b)))
+
+    got = jax.grad(loss, argnums=(0, 1, 2))(x, weight.a, weight.b)
+    want = jax.grad(dense_loss, argnums=(0, 1, 2))(x, weight.a, weight.b)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -4,3 +4,8 @@ Those libraries are imported lazily, inside the functions that need them, so tha
 `import interop` works without the `[torch]` extra. Checkpoint loading, peft adapter
 export/import and merged-model export arrive here.
 """
+
+from interop.checkpoint import CheckpointError
+from interop.hf import from_pretrained
+
+__all__ = ["CheckpointError", "from_pretrained"]

@@ -1,0 +1,190 @@
+"""Hugging Face checkpoints in: a local transformers folder becomes a Flax NNX model with the
+same parameter names, without building the torch model.
+
+Our parameter paths are transformers' module names, so the mapping is mechanical: a kernel
+`model.layers.*.self_attn.q_proj.kernel` (stacked, (layers, in, out)) is filled from the tensors
+`model.layers.{i}.self_attn.q_proj.weight` (out, in), transposed; `embedding` and norm `weight`s
+are copied as they are. Tensors stream one at a time into arrays allocated once, so memory
+stays near the size of the result.
+
+>>> model = interop.from_pretrained("path/to/llama")          # doctest: +SKIP
+>>> graphdef, params = lorax.split(model)                        # doctest: +SKIP
+"""
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from interop.checkpoint import CheckpointError, count_tensors, read_tensors
+from lorax.errors import listing
+from lorax.models import STACK, LlamaConfig, LlamaForCausalLM
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one transformers architecture maps to ours.
+
+    config_class: builds our config from config.json (`from_hf`).
+    model_class: our NNX model.
+    fan_in_fan_out: module names whose torch weight is already (in, out) (GPT-2's Conv1D).
+    ignored: regexes of checkpoint tensors that are buffers, not parameters.
+    """
+
+    config_class: type
+    model_class: type
+    fan_in_fan_out: frozenset[str] = frozenset()
+    ignored: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "Qwen2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """Where one checkpoint tensor goes: a leaf of our tree, a layer of it, and its layout."""
+
+    leaf: tuple
+    layer: int | None
+    transpose: bool
+    shape: tuple[int, ...]
+
+
+def _hf_leaf(name: str) -> str:
+    return {"kernel": "weight", "embedding": "weight"}.get(name, name)
+
+
+def checkpoint_slots(abstract: dict, arch: Architecture) -> dict[str, Slot]:
+    """checkpoint tensor name -> Slot, for every leaf of our (abstract) parameter tree."""
+    slots = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in keypath)
+        names = [str(k) for k in keys]
+        module = names[-2] if len(names) > 1 else ""
+        transpose = names[-1] == "kernel" and module not in arch.fan_in_fan_out
+        if STACK in names:
+            at = names.index(STACK)
+            for layer in range(leaf.shape[0]):
+                hf = ".".join([*names[:at], str(layer), *names[at + 1:-1], _hf_leaf(names[-1])])
+                shape = leaf.shape[1:][::-1] if transpose else leaf.shape[1:]
+                slots[hf] = Slot(keys, layer, transpose, tuple(shape))
+        else:
+            hf = ".".join([*names[:-1], _hf_leaf(names[-1])])
+            slots[hf] = Slot(keys, None, transpose, tuple(leaf.shape[::-1] if transpose else leaf.shape))
+    return slots
+
+
+def _normalize(name: str, slots: dict[str, Slot]) -> str:
+    """Old-style names (LayerNorm gamma/beta) and a missing or extra model prefix."""
+    name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
+    if name in slots:
+        return name
+    for prefix in {s.split(".", 1)[0] + "." for s in slots}:
+        if prefix + name in slots:
+            return prefix + name
+        if name.startswith(prefix) and name[len(prefix):] in slots:
+            return name[len(prefix):]
+    return name
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"no config.json in {folder}: from_pretrained needs a transformers model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+
+
+def architecture_of(config: dict) -> tuple[str, Architecture]:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return name, ARCHITECTURES[name]
+    raise CheckpointError(
+        f"architecture {names or config.get('model_type')!r} is not supported; supported: {listing(ARCHITECTURES)}"
+    )
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+                    progress: bool = True) -> nnx.Module:
+    """Load a local Hugging Face model folder as our NNX model.
+
+    Args:
+        path: a folder with config.json and model.safetensors, a sharded
+            model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True).
+        dtype: the compute dtype (float32 or bfloat16).
+        param_dtype: the stored parameter dtype; defaults to `dtype`.
+        progress: show a tqdm bar while tensors stream in.
+
+    Returns:
+        The model (e.g. `LlamaForCausalLM`), its parameters loaded.
+
+    Raises:
+        CheckpointError: missing files, unsupported architecture, missing or unexpected
+            tensors (listed), a shape that does not fit (tensor named, both shapes), or a
+            truncated/corrupt file (named).
+    """
+    folder = Path(path)
+    hf_config = read_config(folder)
+    _, arch = architecture_of(hf_config)
+    param_dtype = param_dtype or dtype
+    config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    abstract_model = nnx.eval_shape(lambda: arch.model_class(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract = nnx.to_pure_dict(abstract_state)
+    slots = checkpoint_slots(abstract, arch)
+    arrays = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, np.dtype(leaf.dtype)), abstract)
+
+    filled, unexpected = set(), []
+    tensors = read_tensors(folder)
+    for name, tensor in tqdm(tensors, total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
+                             disable=not progress, leave=False):
+        key = _normalize(name, slots)
+        slot = slots.get(key)
+        if slot is None:
+            if not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
+                unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
+                                  f"(config.json and the weights disagree)")
+        value = tensor.T if slot.transpose else tensor
+        target = _leaf(arrays, slot.leaf)
+        if slot.layer is None:
+            target[...] = value
+        else:
+            target[slot.layer] = value
+        filled.add(key)
+    missing = sorted(set(slots) - filled)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{folder} does not match {type(abstract_model).__name__}: "
+            + (f"missing tensors: {listing(missing)}. " if missing else "")
+            + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
+        )
+    return nnx.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, arrays))
+
+
+def _is_tied_head(name: str, config) -> bool:
+    """Tied models may still store lm_head.weight (a copy of the embeddings); it is not needed."""
+    return name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)
+
+
+def _leaf(tree: dict, keys: tuple) -> np.ndarray:
+    for key in keys:
+        tree = tree[key]
+    return tree

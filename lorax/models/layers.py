@@ -1,0 +1,96 @@
+"""Building blocks shared by the models: linear layers, norms, masks, attention, and stacked
+layers that run under `nnx.scan`.
+
+Stacked layers live under the key `*` (`STACK`): `model.layers.*.self_attn.q_proj.kernel` has a
+leading layer axis, and `lorax` reads the `*` as "one module per index"
+(`model.layers.0.self_attn.q_proj`, ...), the names peft and transformers use.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+STACK = "*"
+
+
+def linear(d_in: int, d_out: int, bias: bool, config, rngs: nnx.Rngs) -> nnx.Linear:
+    """An nnx.Linear with kernel (in, out) in the config's param dtype, computing in its dtype."""
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+
+
+def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Dict:
+    """`count` layers with their parameters stacked on a leading axis, under the key `*`."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return make_layer(rngs)
+
+    return nnx.Dict({STACK: make(rngs)})
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) · weight, computed in fp32 as transformers does (parameter named `weight`)."""
+
+    def __init__(self, size: int, eps: float, config):
+        self.weight = nnx.Param(jnp.ones((size,), config.param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight.value * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with transformers' parameter names (`weight`, `bias`), statistics in fp32."""
+
+    def __init__(self, size: int, eps: float, config):
+        self.weight = nnx.Param(jnp.ones((size,), config.param_dtype))
+        self.bias = nnx.Param(jnp.zeros((size,), config.param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return normed * self.weight.value.astype(x.dtype) + self.bias.value.astype(x.dtype)
+
+
+def causal_mask(seq: int, attention_mask: jax.Array | None) -> jax.Array:
+    """(batch or 1, 1, seq, seq) booleans: query i sees key j <= i, and only unpadded keys."""
+    mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def padding_mask(attention_mask: jax.Array | None, seq: int) -> jax.Array:
+    """(batch or 1, 1, 1, seq) booleans for a bidirectional encoder: every query sees unpadded keys."""
+    if attention_mask is None:
+        return jnp.ones((1, 1, 1, seq), bool)
+    return attention_mask.astype(bool)[:, None, None, :]
+
+
+def attention(q, k, v, mask, *, scale: float) -> jax.Array:
+    """Softmax attention with grouped-query heads; scores and softmax in fp32.
+
+    Args:
+        q: (batch, q_len, heads, head_dim); k, v: (batch, k_len, kv_heads, head_dim).
+        mask: booleans broadcastable to (batch, 1, q_len, k_len); False = masked.
+
+    Returns:
+        (batch, q_len, heads, head_dim) in v's dtype.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * scale
+    # A large negative number rather than -inf: fully padded rows stay finite (no NaN gradients).
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", weights, v)
+    return out.reshape(batch, q_len, heads, head_dim)

@@ -38,8 +38,12 @@ class LoraArray(quax.ArrayValue):
             an embedding table. Leading axes (layers stacked for `lax.scan`) are allowed.
         a: (..., in, r). peft's `lora_A.weight` transposed (`lora_embedding_A` for tables).
         b: (..., r, out). peft's `lora_B.weight` transposed.
-        scale: lora_alpha / r (or / √r with rsLoRA).
-        path: the module path, for error messages and export.
+        scale: lora_alpha / r (or / √r with rsLoRA); for stacked layers one value per layer
+            (0 for layers that layers_to_transform leaves out).
+        path: the module path, for error messages and export (`model.layers.*.mlp.up_proj`
+            for stacked layers).
+        ranks: for stacked layers, each layer's rank (0 = not adapted); a and b are padded
+            with zeros to the largest. None for a single weight.
         dropout_rate: lora_dropout, applied to the adapter's input when `dropout_key` is set.
         dropout_key: a PRNG key, set by `lorax.apply(..., dropout_key=...)` during training.
         allow_materialize: let operations without a rule form `w + scale·a@b` instead of failing.
@@ -48,9 +52,10 @@ class LoraArray(quax.ArrayValue):
     w: jax.Array
     a: jax.Array
     b: jax.Array
+    scale: jax.Array = eqx.field(converter=jnp.asarray, default=1.0)
     dropout_key: jax.Array | None = None
-    scale: float = eqx.field(static=True, default=1.0)
     path: str = eqx.field(static=True, default="")
+    ranks: tuple[int, ...] | None = eqx.field(static=True, default=None)
     dropout_rate: float = eqx.field(static=True, default=0.0)
     allow_materialize: bool = eqx.field(static=True, default=False)
 
@@ -63,9 +68,17 @@ class LoraArray(quax.ArrayValue):
     def r(self) -> int:
         return self.a.shape[-1]
 
+    def adapter_size(self) -> int:
+        """Number of adapter parameters, as peft counts them (padding of stacked ranks excluded)."""
+        d_in, d_out = self.w.shape[-2:]
+        if self.ranks is None:
+            return int(self.a.size + self.b.size)
+        return sum(r * (d_in + d_out) for r in self.ranks)
+
     def delta(self) -> jax.Array:
         """`scale·a@b` in w's layout and dtype: the update that merging adds to w."""
-        return (self.scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
+        scale = jnp.asarray(self.scale)[..., None, None]
+        return (scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
 
     def materialise(self) -> jax.Array:
         return lax.stop_gradient(self.w) + self.delta()
@@ -157,7 +170,7 @@ def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimen
     xa = lax.dot_general(weight.adapter_input(x, dense.dtype), weight.a.astype(dense.dtype),
                          ((x_contract, (0,)), ((), ())), **params)
     delta = lax.dot_general(xa, weight.b.astype(dense.dtype), (((xa.ndim - 1,), (0,)), ((), ())), **params)
-    return dense + weight.scale * delta
+    return dense + weight.scale.astype(dense.dtype) * delta
 
 
 @quax.register(lax.dot_general_p)
@@ -174,7 +187,7 @@ def _dot_general_lhs(weight: LoraArray, x: jax.Array | quax.ArrayValue, *, dimen
     bx = lax.dot_general(weight.b.astype(dense.dtype), weight.adapter_input(x, dense.dtype),
                          (((1,), x_contract), ((), ())), **params)
     delta = lax.dot_general(weight.a.astype(dense.dtype), bx, (((1,), (0,)), ((), ())), **params)
-    return dense + weight.scale * delta
+    return dense + weight.scale.astype(dense.dtype) * delta
 
 
 @quax.register(lax.gather_p)

@@ -23,6 +23,7 @@ import quax
 from lorax.config import ALL_LINEAR, LoraConfig
 from lorax.errors import TargetError, listing, nearest
 
+STACK = "*"  # a dict key under which layers are stacked on a leading axis (see lorax.models)
 LINEAR_LEAF = "kernel"
 EMBEDDING_LEAF = "embedding"
 BIAS_LEAF = "bias"
@@ -54,19 +55,27 @@ def leaves_by_path(params: Any) -> Iterator[tuple[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class Module:
-    """A module of the tree: its dotted path, its own leaves by name, and what LoRA sees in it."""
+    """A module of the tree: its dotted path, its own leaves by name, and what LoRA sees in it.
+
+    Layers stacked under a `*` key (`model.layers.*.mlp.up_proj`, leading axis = layer) appear
+    once per index (`model.layers.0.mlp.up_proj`, ...), as torch's named_modules lists them;
+    `stored_path` is where the stacked leaves really live and `layer` the index into them.
+    """
 
     path: str
     leaves: dict[str, Any]
+    stored_path: str = ""
+    layer: int | None = None
 
     @property
     def kind(self) -> str | None:
         """"linear", "embedding", or None (LoRA does not adapt it)."""
+        stack_dims = 0 if self.layer is None else 1
         kernel = self.leaves.get(LINEAR_LEAF)
-        if kernel is not None and getattr(kernel, "ndim", 0) >= 2:
+        if kernel is not None and getattr(kernel, "ndim", 0) - stack_dims == 2:
             return "linear"
         table = self.leaves.get(EMBEDDING_LEAF)
-        if table is not None and getattr(table, "ndim", 0) == 2:
+        if table is not None and getattr(table, "ndim", 0) - stack_dims == 2:
             return "embedding"
         return None
 
@@ -78,13 +87,24 @@ class Module:
 def modules(params: Any) -> dict[str, Module]:
     """Every module path in the tree (containers included, like torch's named_modules) -> Module."""
     found: dict[str, dict[str, Any]] = {}
+    stored: dict[str, tuple[str, int | None]] = {}
     for path, leaf in leaves_by_path(params):
         module_path, _, leaf_name = path.rpartition(".")
         parts = module_path.split(".") if module_path else []
-        for depth in range(len(parts)):  # containers first, as torch's named_modules lists them
-            found.setdefault(".".join(parts[:depth]), {})
-        found.setdefault(module_path, {})[leaf_name] = leaf
-    return {path: Module(path, leaves) for path, leaves in found.items()}
+        if parts.count(STACK) > 1:
+            raise TargetError(f"{path!r}: stacks inside stacks (two {STACK!r} keys) are not supported")
+        if STACK in parts:
+            at = parts.index(STACK)
+            copies = [(parts[:at] + [str(i)] + parts[at + 1:], i) for i in range(leaf.shape[0])]
+        else:
+            copies = [(parts, None)]
+        for names, layer in copies:
+            for depth in range(len(names)):  # containers first, as torch's named_modules lists them
+                found.setdefault(".".join(names[:depth]), {})
+            virtual = ".".join(names)
+            found.setdefault(virtual, {})[leaf_name] = leaf
+            stored[virtual] = (module_path, layer)
+    return {path: Module(path, leaves, *stored.get(path, (path, None))) for path, leaves in found.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +115,8 @@ class Target:
     kind: str
     r: int
     lora_alpha: float
+    stored_path: str = ""
+    layer: int | None = None
 
 
 def _matches_names(names: list[str] | str, key: str) -> bool:
@@ -173,7 +195,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
     for path, module in all_modules.items():
         if not path or not is_target(config, path, linear):
             continue
-        if any(path == p or path.startswith(p + ".") for p in saved):
+        if any(module.stored_path == p or module.stored_path.startswith(p + ".") for p in saved):
             continue  # trained in full already; an adapter on top would conflict (peft excludes these too)
         if module.kind is None:
             raise TargetError(
@@ -182,7 +204,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
             )
         r = _pattern_value(config.rank_pattern, path, config.r)
         alpha = _pattern_value(config.alpha_pattern, path, config.lora_alpha)
-        targets.append(Target(path, module.kind, r, alpha))
+        targets.append(Target(path, module.kind, r, alpha, module.stored_path, module.layer))
     if not targets:
         adaptable = [p for p, m in all_modules.items() if m.kind and p]
         root = " A kernel at the root of the tree has no module name: put the layer under a named attribute." \
@@ -223,10 +245,16 @@ def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]
 
 
 def saved_module_paths(config: LoraConfig, params: Any) -> list[str]:
-    """Module paths that modules_to_save trains in full (peft: the key ends with the name)."""
+    """Stored module paths that modules_to_save trains in full (peft: the key ends with the name)."""
     if not config.modules_to_save:
         return []
-    paths = [p for p in modules(params) if p]
-    chosen = [p for p in paths if any(p.endswith(name) for name in config.modules_to_save)]
+    chosen = [m for p, m in modules(params).items() if p and any(p.endswith(name) for name in config.modules_to_save)]
+    inside_stack = [m.path for m in chosen if m.layer is not None]
+    if inside_stack:
+        raise TargetError(
+            f"modules_to_save matches modules inside stacked layers ({listing(inside_stack, 5)}); training one layer "
+            "of a stack in full is not supported. Use LoRA on those modules instead"
+        )
+    paths = [m.path for m in chosen]
     # A match nested inside another match is already covered by the outer module.
-    return [p for p in chosen if not any(p.startswith(outer + ".") for outer in chosen if outer != p)]
+    return [p for p in paths if not any(p.startswith(outer + ".") for outer in paths if outer != p)]

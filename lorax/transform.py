@@ -23,11 +23,11 @@ import jax.numpy as jnp
 
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
-from lorax.errors import LoraError
+from lorax.errors import LoraConfigError, LoraError
 from lorax.targets import BIAS_LEAF, Target, dotted, modules, saved_module_paths, select_targets
 
 
-def _init_factors(target: Target, w: jax.Array, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """A (in, r) and B (r, out) initialised like peft's LoraLayer.reset_lora_parameters.
 
     Linear: A is kaiming-uniform with a=√5 (uniform in ±1/√in, torch's nn.Linear default)
@@ -35,11 +35,10 @@ def _init_factors(target: Target, w: jax.Array, init: bool | str, key: jax.Array
     Embedding: A zero, B standard normal (peft's choice for lora_embedding_A/B).
     init=False: both random, so the update is non-zero (for tests).
     """
-    *stack, d_in, d_out = w.shape
-    r = target.r
+    d_in, d_out = w_shape
     key_a, key_b = jax.random.split(key)
-    a_shape, b_shape = (*stack, d_in, r), (*stack, r, d_out)
-    if target.kind == "embedding":
+    a_shape, b_shape = (d_in, r), (r, d_out)
+    if kind == "embedding":
         a = jax.random.normal(key_a, a_shape, dtype) if init is False else jnp.zeros(a_shape, dtype)
         return a, jax.random.normal(key_b, b_shape, dtype)
     if init == "gaussian":
@@ -52,6 +51,28 @@ def _init_factors(target: Target, w: jax.Array, init: bool | str, key: jax.Array
         bound = 1.0 / math.sqrt(r)
         return a, jax.random.uniform(key_b, b_shape, dtype, -bound, bound)
     return a, jnp.zeros(b_shape, dtype)
+
+
+def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, **fields) -> LoraArray:
+    """One LoraArray for a stored kernel: a single module, or the adapted layers of a stack.
+
+    A stack gets a and b padded to its largest rank (zeros: they add nothing and receive no
+    gradient) and a per-layer scale that is 0 for layers the config leaves out."""
+    init = config.init_lora_weights
+    first = targets[0]
+    if first.layer is None:
+        a, b = _init_factors(first.kind, first.r, w.shape, init, key, dtype)
+        return LoraArray(w, a, b, scale=config.scale_for(first.r, first.lora_alpha), path=first.path, **fields)
+    layers, d_in, d_out = w.shape
+    rank = max(t.r for t in targets)
+    a, b = jnp.zeros((layers, d_in, rank), dtype), jnp.zeros((layers, rank, d_out), dtype)
+    scale, ranks = [0.0] * layers, [0] * layers
+    for t in targets:
+        a_t, b_t = _init_factors(t.kind, t.r, (d_in, d_out), init, jax.random.fold_in(key, t.layer), dtype)
+        a, b = a.at[t.layer, :, : t.r].set(a_t), b.at[t.layer, : t.r].set(b_t)
+        scale[t.layer], ranks[t.layer] = config.scale_for(t.r, t.lora_alpha), t.r
+    return LoraArray(w, a, b, scale=jnp.asarray(scale, jnp.float32), path=first.stored_path, ranks=tuple(ranks),
+                     **fields)
 
 
 def _adapter_dtype(w_dtype, adapter_dtype):
@@ -91,29 +112,49 @@ def lora(
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
     targets = select_targets(config, params, output_head=output_head)
     all_modules = modules(params)
-    by_leaf = {f"{t.path}.{all_modules[t.path].weight_leaf}": t for t in targets}
-    adapted_paths = {t.path for t in targets}
+    by_leaf: dict[str, list[Target]] = {}
+    for t in targets:
+        by_leaf.setdefault(f"{t.stored_path}.{all_modules[t.path].weight_leaf}", []).append(t)
+    adapted = {t.stored_path for t in targets}
+    _check_lora_only_bias(config, targets, all_modules)
     saved = saved_module_paths(config, params)
-    keys = iter(jax.random.split(key, len(targets)))
+    keys = dict(zip(by_leaf, jax.random.split(key, len(by_leaf))))
 
     def transform(keypath, leaf):
         path = dotted(keypath)
         module_path, _, leaf_name = path.rpartition(".")
         if path in by_leaf:
-            target = by_leaf[path]
-            a, b = _init_factors(target, leaf, config.init_lora_weights, next(keys), _adapter_dtype(leaf.dtype, adapter_dtype))
-            return LoraArray(
-                leaf, a, b, scale=config.scale_for(target.r, target.lora_alpha), path=target.path,
-                dropout_rate=config.lora_dropout if target.kind == "linear" else 0.0,
+            group = by_leaf[path]
+            return _lora_array(
+                leaf, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
+                dropout_rate=config.lora_dropout if group[0].kind == "linear" else 0.0,
                 allow_materialize=allow_materialize,
             )
         if any(module_path == p or module_path.startswith(p + ".") for p in saved):
             return TrainableArray(leaf, original=leaf)
-        if leaf_name == BIAS_LEAF and (config.bias == "all" or (config.bias == "lora_only" and module_path in adapted_paths)):
+        if leaf_name == BIAS_LEAF and (config.bias == "all" or (config.bias == "lora_only" and module_path in adapted)):
             return TrainableArray(leaf)
         return leaf
 
     return jax.tree_util.tree_map_with_path(transform, params)
+
+
+def _check_lora_only_bias(config: LoraConfig, targets: list[Target], all_modules) -> None:
+    """bias="lora_only" trains the biases of adapted modules; a stacked bias is one array, so
+    either every layer of the stack is adapted or the request cannot be met exactly."""
+    if config.bias != "lora_only":
+        return
+    layers: dict[str, set] = {}
+    for t in targets:
+        if t.layer is not None and BIAS_LEAF in all_modules[t.path].leaves:
+            layers.setdefault(t.stored_path, set()).add(t.layer)
+    for stored, chosen in layers.items():
+        count = all_modules[next(t.path for t in targets if t.stored_path == stored)].leaves[BIAS_LEAF].shape[0]
+        if len(chosen) != count:
+            raise LoraConfigError(
+                f'bias="lora_only" with some layers of {stored!r} adapted ({sorted(chosen)} of {count}) is not '
+                'supported: its bias is stored for all layers at once. Use bias="none" or adapt every layer'
+            )
 
 
 def _map_adapters(fn, params: Any) -> Any:
@@ -212,13 +253,15 @@ def count_parameters(params: Any) -> tuple[int, int]:
         (12660, 455262)
     """
     trainable = total = 0
-    for leaf, is_trained in zip(
-        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(trainable_mask(params))
-    ):
-        if not hasattr(leaf, "size") or not jnp.issubdtype(leaf.dtype, jnp.number):
-            continue  # PRNG keys and other non-parameters
-        total += int(leaf.size)
-        trainable += int(leaf.size) if is_trained else 0
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter):
+        if isinstance(leaf, LoraArray):
+            total += int(leaf.w.size) + leaf.adapter_size()
+            trainable += leaf.adapter_size()
+        elif isinstance(leaf, TrainableArray):
+            total += int(leaf.value.size) + (0 if leaf.original is None else int(leaf.original.size))
+            trainable += int(leaf.value.size)
+        elif hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.number):  # not PRNG keys
+            total += int(leaf.size)
     return trainable, total
 
 

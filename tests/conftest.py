@@ -10,6 +10,7 @@ import io
 
 import jax
 import jax.numpy as jnp
+import lorax
 import numpy as np
 import peft
 import pytest
@@ -146,3 +147,65 @@ def torch_mlp():
 def torch_tiny():
     torch.manual_seed(0)
     return TorchTiny().eval()
+
+
+TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def _torch_value(leaf_name, array):
+    value = np.asarray(array)
+    return torch.from_numpy((value.T if leaf_name == "kernel" else value).copy())
+
+
+def sync_into_peft(params, peft_model) -> None:
+    """Give the peft model our adapter values: A/B (peft: lora_A (r, in), lora_B (out, r)),
+    modules_to_save copies and trained biases, so both compute with the same weights."""
+    state = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lorax.is_adapter)[0]:
+            if isinstance(leaf, lorax.LoraArray):
+                for path, a, b in per_module_factors(leaf):
+                    prefix = f"base_model.model.{path}"
+                    a_name, b_name = f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"
+                    if a_name not in state:  # embeddings
+                        a_name, b_name = f"{prefix}.lora_embedding_A.default", f"{prefix}.lora_embedding_B.default"
+                    state[a_name].copy_(torch.from_numpy(a.T.copy()))
+                    state[b_name].copy_(torch.from_numpy(b.T.copy()))
+            elif isinstance(leaf, lorax.TrainableArray):
+                path = lorax.targets.dotted(keypath)
+                module, _, name = path.rpartition(".")
+                candidates = [
+                    f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
+                    f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
+                    f"base_model.model.{module}.{TORCH_LEAF[name]}",
+                ]
+                target = next(c for c in candidates if c in state)
+                state[target].copy_(_torch_value(name, leaf.value))
+
+
+def perturb_trained_leaves(params, key):
+    """Move trained biases and modules_to_save copies away from their originals, so a test
+    can tell whether a model used the trained value or the original."""
+    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lorax.is_adapter)
+    keys = jax.random.split(key, len(leaves))
+    moved = [
+        lorax.TrainableArray(leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape), leaf.original)
+        if isinstance(leaf, lorax.TrainableArray) else leaf
+        for leaf, k in zip(leaves, keys)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, moved)
+
+
+def per_module_factors(leaf):
+    """(module path, a (in, r), b (r, out)) for each module a LoraArray holds (one per adapted
+    layer of a stack, padding removed)."""
+    a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+    if leaf.ranks is None:
+        return [(leaf.path, a, b)]
+    return [(leaf.path.replace("*", str(i)), a[i, :, :r], b[i, :r]) for i, r in enumerate(leaf.ranks) if r]
+
+
+def adapted_paths(params):
+    """Module paths with an adapter, one per layer for stacked weights (peft's targeted_module_names)."""
+    return sorted(path for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter)
+                  if isinstance(leaf, lorax.LoraArray) for path, _, _ in per_module_factors(leaf))

@@ -9,7 +9,10 @@ import torch
 
 import lorax
 from conftest import (
+    adapted_paths,
     jax_mlp,
+    perturb_trained_leaves,
+    sync_into_peft,
     jax_tiny,
     lorax_line,
     peft_line,
@@ -40,57 +43,6 @@ TINY_CONFIGS = [
     dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], bias="all"),
     dict(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 1}, alpha_pattern={"up_proj": 2}),
 ]
-
-TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
-
-
-def _torch_value(leaf_name, array):
-    value = np.asarray(array)
-    return torch.from_numpy((value.T if leaf_name == "kernel" else value).copy())
-
-
-def sync_into_peft(params, peft_model) -> None:
-    """Give the peft model our adapter values: A/B (peft: lora_A (r, in), lora_B (out, r)),
-    modules_to_save copies and trained biases, so both compute with the same weights."""
-    state = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lorax.is_adapter)[0]:
-            if isinstance(leaf, lorax.LoraArray):
-                prefix = f"base_model.model.{leaf.path}"
-                a_name, b_name = f"{prefix}.lora_A.default.weight", f"{prefix}.lora_B.default.weight"
-                if a_name not in state:  # embeddings
-                    a_name, b_name = f"{prefix}.lora_embedding_A.default", f"{prefix}.lora_embedding_B.default"
-                state[a_name].copy_(torch.from_numpy(np.asarray(leaf.a).T.copy()))
-                state[b_name].copy_(torch.from_numpy(np.asarray(leaf.b).T.copy()))
-            elif isinstance(leaf, lorax.TrainableArray):
-                path = lorax.targets.dotted(keypath)
-                module, _, name = path.rpartition(".")
-                candidates = [
-                    f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
-                    f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
-                    f"base_model.model.{module}.{TORCH_LEAF[name]}",
-                ]
-                target = next(c for c in candidates if c in state)
-                state[target].copy_(_torch_value(name, leaf.value))
-
-
-def perturb_trained_leaves(params, key):
-    """Move trained biases and modules_to_save copies away from their originals, so a test
-    can tell whether a model used the trained value or the original."""
-    leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lorax.is_adapter)
-    keys = jax.random.split(key, len(leaves))
-    moved = [
-        lorax.TrainableArray(leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape), leaf.original)
-        if isinstance(leaf, lorax.TrainableArray) else leaf
-        for leaf, k in zip(leaves, keys)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, moved)
-
-
-def adapted_paths(params):
-    return sorted(leaf.path for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter)
-                  if isinstance(leaf, lorax.LoraArray))
-
 
 def check_against_peft(torch_model, jax_fn, inputs, config, output_head=None):
     base = torch_to_params(torch_model)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-STACK = "*"
+from lorax.targets import STACK
 
 
 def linear(d_in: int, d_out: int, bias: bool, config, rngs: nnx.Rngs) -> nnx.Linear:
@@ -63,6 +63,16 @@ class LayerNorm(nnx.Module):
 def causal_mask(seq: int, attention_mask: jax.Array | None) -> jax.Array:
     """(batch or 1, 1, seq, seq) booleans: query i sees key j <= i, and only unpadded keys."""
     mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def cached_mask(seq: int, max_length: int, cache_index, attention_mask: jax.Array | None) -> jax.Array:
+    """(batch or 1, 1, seq, max_length) booleans for tokens written at cache_index: query i sees
+    cached key j when j <= cache_index + i, and only unpadded keys (attention_mask is (b, max_length))."""
+    query = cache_index + jnp.arange(seq)[:, None]
+    mask = (jnp.arange(max_length)[None, :] <= query)[None, None]
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]
     return mask

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import STACK, RMSNorm, attention, causal_mask, linear, stacked
+from lorax.models.layers import STACK, RMSNorm, attention, cached_mask, causal_mask, linear, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,13 +107,17 @@ class LlamaAttention(nnx.Module):
         self.o_proj = linear(heads * head, hidden, config.attention_bias, config, rngs)
         self.heads, self.kv_heads, self.head = heads, kv_heads, head
 
-    def __call__(self, h, cos, sin, mask):
+    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
         batch, seq, _ = h.shape
         q = apply_rope(self.q_proj(h).reshape(batch, seq, self.heads, self.head), cos, sin)
         k = apply_rope(self.k_proj(h).reshape(batch, seq, self.kv_heads, self.head), cos, sin)
         v = self.v_proj(h).reshape(batch, seq, self.kv_heads, self.head)
+        if cache is not None:
+            k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
+                    for c, new in zip(cache, (k, v)))
+            cache = (k, v)
         out = attention(q, k, v, mask, scale=self.head**-0.5)
-        return self.o_proj(out.reshape(batch, seq, self.heads * self.head))
+        return self.o_proj(out.reshape(batch, seq, self.heads * self.head)), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -134,9 +138,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
 
-    def __call__(self, h, cos, sin, mask):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
+        attended, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, cache_index)
+        h = h + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), cache
 
 
 class LlamaModel(nnx.Module):
@@ -147,22 +152,35 @@ class LlamaModel(nnx.Module):
         self.layers = stacked(lambda r: LlamaDecoderLayer(config, rngs=r), config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
+        """Hidden states (b, s, hidden). With a KV cache (`init_cache`), the tokens are written at
+        `cache_index` and attend to everything before them; returns (hidden, new cache) then."""
         batch, seq = input_ids.shape
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+            start = 0 if cache_index is None else cache_index
+            position_ids = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
         freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(self.config)
         angles = jnp.concatenate([freqs, freqs], axis=-1)
         cos, sin = jnp.cos(angles).astype(self.config.dtype), jnp.sin(angles).astype(self.config.dtype)
-        mask = causal_mask(seq, attention_mask)
+        if cache is None:
+            mask = causal_mask(seq, attention_mask)
+        else:
+            mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
         h = self.embed_tokens(input_ids)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None), out_axes=nnx.Carry)
-        def run_layers(h, layer, cos, sin, mask):
-            return layer(h, cos, sin, mask)
+        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
+        def run_layers(h, layer, cos, sin, mask, layer_cache, cache_index):
+            return layer(h, cos, sin, mask, layer_cache, cache_index)
 
-        h = run_layers(h, self.layers[STACK], cos, sin, mask)
-        return self.norm(h)
+        h, cache = run_layers(h, self.layers[STACK], cos, sin, mask, cache, cache_index)
+        h = self.norm(h)
+        return h if cache is None else (h, cache)
+
+    def init_cache(self, batch: int, max_length: int, dtype=None):
+        """An empty KV cache: (keys, values), each (layers, batch, max_length, kv_heads, head_dim)."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, max_length, c.kv_heads, c.head_size)
+        return jnp.zeros(shape, dtype or c.dtype), jnp.zeros(shape, dtype or c.dtype)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -176,8 +194,14 @@ class LlamaForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, False, config, rngs)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None):
-        h = self.model(input_ids, attention_mask, position_ids)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
+        out = self.model(input_ids, attention_mask, position_ids, cache, cache_index)
+        h, cache = (out, None) if cache is None else out
         if self.config.tie_word_embeddings:
-            return h @ self.model.embed_tokens.embedding.value.T.astype(h.dtype)
-        return self.lm_head(h)
+            logits = h @ self.model.embed_tokens.embedding.value.T.astype(h.dtype)
+        else:
+            logits = self.lm_head(h)
+        return logits if cache is None else (logits, cache)
+
+    def init_cache(self, batch: int, max_length: int, dtype=None):
+        return self.model.init_cache(batch, max_length, dtype)

@@ -1,0 +1,62 @@
+"""Greedy and sampled generation with a KV cache, for any causal LM of `lorax.models` and for
+LoRA trees (it runs through `lorax.apply`).
+
+>>> graphdef, params = lorax.split(model)                                        # doctest: +SKIP
+>>> tokens = generate(graphdef, params, prompt_ids, max_new_tokens=20)          # doctest: +SKIP
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lorax.apply import ModelDef, apply
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
+def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens: int,
+             attention_mask: jax.Array | None = None, temperature: float = 0.0,
+             key: jax.Array | None = None) -> jax.Array:
+    """Continue `input_ids` (batch, prompt) by `max_new_tokens` tokens.
+
+    Args:
+        graphdef, params: from `lorax.split(model)` (params may hold LoRA arrays).
+        input_ids: (batch, prompt_length) int tokens; left-pad ragged prompts.
+        max_new_tokens: how many tokens to add.
+        attention_mask: (batch, prompt_length), 0 on padding. Positions count only real tokens,
+            as transformers' generate does.
+        temperature: 0 for greedy decoding, otherwise softmax sampling at this temperature.
+        key: PRNG key, required when sampling.
+
+    Returns:
+        (batch, prompt_length + max_new_tokens) tokens: the prompt, then the continuation.
+    """
+    batch, prompt = input_ids.shape
+    total = prompt + max_new_tokens
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, prompt), jnp.int32)
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = apply(lambda p: graphdef.module(p).init_cache(batch, total), params)
+    if key is None:
+        key = jax.random.key(0)
+
+    def pick(logits, key):
+        if temperature == 0.0:
+            return jnp.argmax(logits, axis=-1)
+        return jax.random.categorical(key, logits / temperature, axis=-1)
+
+    logits, cache = apply(graphdef, params, input_ids, mask, positions[:, :prompt], cache, 0)
+    tokens = jnp.zeros((batch, total), input_ids.dtype).at[:, :prompt].set(input_ids)
+    tokens = tokens.at[:, prompt].set(pick(logits[:, -1], jax.random.fold_in(key, 0)).astype(tokens.dtype))
+
+    def step(index, state):
+        tokens, cache = state
+        current = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
+        position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
+        logits, cache = apply(graphdef, params, current, mask, position, cache, index)
+        chosen = pick(logits[:, -1], jax.random.fold_in(key, index)).astype(tokens.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], index + 1, axis=1), cache
+
+    tokens, _ = jax.lax.fori_loop(prompt, total - 1, step, (tokens, cache))
+    return tokens

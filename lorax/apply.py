@@ -52,8 +52,14 @@ def split(model: nnx.Module) -> tuple[ModelDef, dict]:
 def with_dropout(params: Any, key: jax.Array) -> Any:
     """Give every LoraArray with lora_dropout > 0 its own dropout key derived from `key`."""
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lambda x: isinstance(x, LoraArray))
+
+    def leaf_key(leaf, index):
+        leaf_key = jax.random.fold_in(key, index)
+        # Stacked layers are scanned over: every array of the LoraArray, its key too, needs the layer axis.
+        return leaf_key if leaf.ranks is None else jax.random.split(leaf_key, leaf.w.shape[0])
+
     keyed = [
-        eqx.tree_at(lambda l: l.dropout_key, leaf, jax.random.fold_in(key, index), is_leaf=lambda x: x is None)
+        eqx.tree_at(lambda l: l.dropout_key, leaf, leaf_key(leaf, index), is_leaf=lambda x: x is None)
         if isinstance(leaf, LoraArray) and leaf.dropout_rate > 0
         else leaf
         for index, leaf in enumerate(leaves)

@@ -155,7 +155,8 @@ def test_stacked_layers_under_scan():
     layers, d, r = 3, 6, 2
     keys = jax.random.split(jax.random.key(0), 3)
     stacked = LoraArray(jax.random.normal(keys[0], (layers, d, d)) / 3, jax.random.normal(keys[1], (layers, d, r)),
-                        jax.random.normal(keys[2], (layers, r, d)), scale=0.5, path="layers")
+                        jax.random.normal(keys[2], (layers, r, d)), scale=jnp.full((layers,), 0.5), path="layers.*",
+                        ranks=(r,) * layers)
     x = jax.random.normal(jax.random.key(1), (2, d))
 
     def model(w, x):

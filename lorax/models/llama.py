@@ -40,7 +40,7 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3 scaling as sorted (key, value) pairs: hashable
     attention_bias: bool = False  # q, k, v and o biases (Llama's option)
     qkv_bias: bool = False  # q, k, v biases only (Qwen2)
     mlp_bias: bool = False
@@ -67,7 +67,7 @@ class LlamaConfig:
             raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: default, llama3)")
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "dtype")}
-        values.update(rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None)
+        values.update(rope_theta=theta, rope_scaling=tuple(sorted(rope.items())) if rope_type == "llama3" else None)
         if hf.get("model_type") == "qwen2":
             values["qkv_bias"] = True  # Qwen2's q/k/v projections always carry a bias
         return cls(**{**values, **overrides})
@@ -77,9 +77,9 @@ def rope_frequencies(config: LlamaConfig) -> jax.Array:
     """Inverse frequencies (head_dim/2,), with llama3 scaling when configured (as transformers)."""
     dim = config.head_size
     inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    scaling = config.rope_scaling
-    if not scaling:
+    if not config.rope_scaling:
         return inv_freq
+    scaling = dict(config.rope_scaling)
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq

@@ -1,0 +1,198 @@
+"""Llama / Mistral / Qwen2 loaded from transformers' own save_pretrained folders: logits,
+generation, LoRA counts and PeftModel outputs all equal the real libraries'."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import interop
+import lorax
+from conftest import adapted_paths, lorax_line, peft_line, sync_into_peft
+from lorax.models.generate import generate
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+VARIANTS = {
+    "llama3": (transformers.LlamaConfig, dict(rope_scaling=LLAMA3_ROPE)),
+    "llama-tied-bias": (transformers.LlamaConfig, dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "mistral": (transformers.MistralConfig, {}),
+    "qwen2": (transformers.Qwen2Config, {}),
+}
+SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="40KB")}
+
+
+def hf_model(variant):
+    config_class, extra = VARIANTS[variant]
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **extra)).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """variant -> (torch model, folder saved as safetensors)."""
+    out = {}
+    for variant in VARIANTS:
+        model = hf_model(variant)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (model, folder)
+    return out
+
+
+def tokens(batch=2, length=9, seed=0):
+    ids = torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    return ids, mask
+
+
+def logits_of(graphdef, params, ids, mask=None):
+    args = (jnp.asarray(ids.numpy()),) + (() if mask is None else (jnp.asarray(mask.numpy()),))
+    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("save", SAVES)
+def test_logits_equal_transformers(variant, save, tmp_path):
+    model = hf_model(variant)
+    model.save_pretrained(tmp_path, **SAVES[save])
+    if save == "sharded":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
+    ids, mask = tokens()
+    with torch.no_grad():
+        plain, padded = model(ids).logits.numpy(), model(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, params, ids), plain, atol=1e-4, rtol=1e-4)
+    real = mask.numpy().astype(bool)  # padded positions are not compared: both sides compute junk there
+    np.testing.assert_allclose(logits_of(graphdef, params, ids, mask)[real], padded[real], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_compute_is_close(saved):
+    model, folder = saved["llama3"]
+    graphdef, params = lorax.split(interop.from_pretrained(folder, dtype=jnp.bfloat16, progress=False))
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    ids, _ = tokens()
+    with torch.no_grad():
+        reference = model(ids).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.1)
+
+
+def test_greedy_generation_equals_transformers(saved):
+    model, folder = saved["llama3"]
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens(length=5, seed=1)
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+        padded = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+    np.testing.assert_array_equal(generate(graphdef, params, jnp.asarray(ids.numpy()), max_new_tokens=10), plain)
+    np.testing.assert_array_equal(
+        generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10),
+        padded)
+
+
+LORA_CONFIGS = [
+    dict(r=4, target_modules=["q_proj", "v_proj"]),
+    dict(r=2, target_modules="all-linear"),
+    dict(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]),
+    dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+         rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True),
+]
+
+
+@pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
+@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
+def test_lora_matches_peft(saved, variant, config):
+    """Same targets, same printed counts, and with the same non-zero A/B the same logits as PeftModel."""
+    model, folder = saved[variant]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens()
+
+    at_init = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0), output_head="lm_head")
+    np.testing.assert_allclose(logits_of(graphdef, at_init, ids), logits_of(graphdef, base, ids), atol=1e-6)
+
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1),
+                        output_head="lm_head")
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    assert lorax_line(params) == peft_line(peft_model)
+    with torch.no_grad():
+        theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    ours = logits_of(graphdef, params, ids, mask)
+    real = mask.numpy().astype(bool)
+    assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    merged = lorax.merge(params)
+    np.testing.assert_allclose(logits_of(graphdef, merged, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_training_step_scans_the_stack(saved):
+    """A jitted LoRA step on the stacked model: loss falls, only adapters move, dropout is threaded."""
+    import optax
+
+    _, folder = saved["llama3"]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    # every linear layer, the head included: a random tiny model learns through its head fastest
+    params = lorax.lora(base, lorax.LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear"),
+                        key=jax.random.key(0))
+    trainable, frozen = lorax.partition(params)
+    opt = lorax.optimizer(optax.adam(3e-2), params)
+    state = opt.init(trainable)
+    ids = jnp.asarray(tokens()[0].numpy())
+
+    @jax.jit
+    def step(trainable, state, key):
+        def loss(t):
+            logits = lorax.apply(graphdef, lorax.combine(t, frozen), ids[:, :-1], dropout_key=key)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        value, grads = jax.value_and_grad(loss)(trainable)
+        updates, state = opt.update(grads, state, trainable)
+        return optax.apply_updates(trainable, updates), state, value
+
+    losses = []
+    for i in range(20):
+        trainable, state, value = step(trainable, state, jax.random.key(i))
+        losses.append(float(value))
+    assert losses[-1] < losses[0] - 0.5
+    jaxpr = str(jax.make_jaxpr(step)(trainable, state, jax.random.key(0)))
+    assert "scan[" in jaxpr  # the layers run as one scanned body, not an unrolled Python loop
+
+
+def test_load_errors(saved, tmp_path):
+    _, folder = saved["llama3"]
+    with pytest.raises(interop.CheckpointError, match="no config.json in"):
+        interop.from_pretrained(tmp_path)
+
+    def copy_with(config_change=None, weights=None):
+        target = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        target.mkdir()
+        config = json.loads((folder / "config.json").read_text())
+        config.update(config_change or {})
+        (target / "config.json").write_text(json.dumps(config))
+        data = (folder / "model.safetensors").read_bytes()
+        (target / "model.safetensors").write_bytes(weights(data) if weights else data)
+        return target
+
+    with pytest.raises(interop.CheckpointError, match=r"architecture \['GPTNeoForCausalLM'\] is not supported; supported: LlamaForCausalLM"):
+        interop.from_pretrained(copy_with({"architectures": ["GPTNeoForCausalLM"]}))
+    with pytest.raises(interop.CheckpointError, match=r"tensor 'model.layers.0.mlp.\w+_proj.weight' has shape \(\d+, \d+\), the model expects \((40, 32|32, 40)\)"):
+        interop.from_pretrained(copy_with({"intermediate_size": 40}), progress=False)
+    with pytest.raises(interop.CheckpointError, match=r"missing tensors: model.layers.3"):
+        interop.from_pretrained(copy_with({"num_hidden_layers": 4}), progress=False)
+    with pytest.raises(interop.CheckpointError, match=r"unexpected tensors: model.layers.2.\S+, "):
+        interop.from_pretrained(copy_with({"num_hidden_layers": 2}), progress=False)
+    truncated = copy_with(weights=lambda data: data[: len(data) // 2])
+    with pytest.raises(interop.CheckpointError, match=rf"{truncated / 'model.safetensors'}: truncated"):
+        interop.from_pretrained(truncated, progress=False)
+    garbage = copy_with(weights=lambda data: b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(interop.CheckpointError, match=r"model.safetensors: corrupt safetensors header"):
+        interop.from_pretrained(garbage, progress=False)

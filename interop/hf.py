@@ -150,9 +150,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     arrays = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, np.dtype(leaf.dtype)), abstract)
 
     filled, unexpected = set(), []
-    tensors = read_tensors(folder)
-    for name, tensor in tqdm(tensors, total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
-                             disable=not progress, leave=False):
+    tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
+                   disable=not progress, leave=False)
+    for name, tensor in tensors:
         key = _normalize(name, slots)
         slot = slots.get(key)
         if slot is None:
@@ -176,7 +176,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             + (f"missing tensors: {listing(missing)}. " if missing else "")
             + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
         )
-    return nnx.merge(graphdef, jax.tree_util.tree_map(jnp.asarray, arrays))
+    # The arrays were allocated here and nothing else holds them: JAX may use their memory as is
+    # (on CPU this skips a full copy of the model).
+    return nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays))
 
 
 def _is_tied_head(name: str, config) -> bool:

@@ -1,0 +1,69 @@
+"""Checkpoint load time: `interop.from_pretrained` vs `transformers.AutoModelForCausalLM.from_pretrained`
+on the same safetensors folder, side by side in one run.
+
+The checkpoint is a Llama-style model written by transformers itself (hidden 512, 8 layers,
+vocab 32000: about 50M parameters, 200 MB in fp32), into a temporary folder. Each loader runs
+a few times after a warm-up (so both read from the page cache); the median counts. Ours includes
+the copy into JAX arrays (`block_until_ready`).
+
+    python benchmarks/load.py
+
+The last line is `ours_over_transformers_load=<ratio>` (below 1.0: we load faster).
+"""
+
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import interop  # noqa: E402
+
+REPEATS = 5
+
+
+def timed(load) -> float:
+    load()  # warm-up: imports, page cache, first compilation of nothing
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        load()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder)
+        parameters = sum(p.numel() for p in model.parameters())
+        del model
+        size = os.path.getsize(os.path.join(folder, "model.safetensors")) / 1e6
+
+        def ours():
+            loaded = interop.from_pretrained(folder, progress=False)
+            jax.block_until_ready(nnx.state(loaded))
+
+        def theirs():
+            transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+        ours_s, theirs_s = timed(ours), timed(theirs)
+    print(f"checkpoint: Llama-style, {parameters / 1e6:.1f}M parameters, {size:.0f} MB safetensors (fp32)")
+    print(f"machine: {jax.devices()[0].platform}, {os.cpu_count()} cores; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, jax {jax.__version__}")
+    print(f"{'interop.from_pretrained':<45}{ours_s:8.3f} s (median of {REPEATS})")
+    print(f"{'transformers AutoModelForCausalLM.from_pretrained':<45}{theirs_s:8.3f} s (median of {REPEATS})")
+    print(f"ours_over_transformers_load={ours_s / theirs_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,3 +9,7 @@ from interop.checkpoint import CheckpointError
 from interop.hf import from_pretrained
 
 __all__ = ["CheckpointError", "from_pretrained"]
+
+from interop.peft import load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["load_adapter", "save_adapter"]

@@ -13,3 +13,7 @@ __all__ = ["CheckpointError", "from_pretrained"]
 from interop.peft import load_adapter, save_adapter  # noqa: E402
 
 __all__ += ["load_adapter", "save_adapter"]
+
+from interop.export import save_merged  # noqa: E402
+
+__all__ += ["save_merged"]

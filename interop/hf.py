@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,16 @@ from tqdm.auto import tqdm
 
 from interop.checkpoint import CheckpointError, count_tensors, read_tensors
 from lorax.errors import listing
-from lorax.models import STACK, LlamaConfig, LlamaForCausalLM
+from lorax.models import (
+    STACK,
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +47,35 @@ class Architecture:
     model_class: our NNX model.
     fan_in_fan_out: module names whose torch weight is already (in, out) (GPT-2's Conv1D).
     ignored: regexes of checkpoint tensors that are buffers, not parameters.
+    checkpoint_overrides: config fields that config.json does not hold but the checkpoint's tensor
+        names tell (BERT: whether it has a pooler), as a function of those names.
     """
 
     config_class: type
     model_class: type
     fan_in_fan_out: frozenset[str] = frozenset()
     ignored: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
+    checkpoint_overrides: Callable[[list[str]], dict] | None = None
+
+
+def _bert_pooler(tensor_names: list[str]) -> dict:
+    """transformers' BertModel(add_pooling_layer=...) is not in config.json: a pooler is there if its weights are."""
+    return {"add_pooling_layer": any(name.endswith("pooler.dense.weight") for name in tensor_names)}
+
+
+GPT2_CONV1D = frozenset({"c_attn", "c_proj", "c_fc"})
+# Old GPT-2 checkpoints store the causal mask buffers `h.0.attn.bias` / `attn.masked_bias`.
+GPT2_BUFFERS = (r"(.*\.)?attn\.(masked_)?bias",)
+BERT_BUFFERS = (r"(.*\.)?embeddings\.(position_ids|token_type_ids)",)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Qwen2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
+    "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
+    "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),
 }
 
 
@@ -142,7 +169,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     hf_config = read_config(folder)
     _, arch = architecture_of(hf_config)
     param_dtype = param_dtype or dtype
-    config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+    # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.
+    overrides = arch.checkpoint_overrides([name for name, _ in read_tensors(folder)]) if arch.checkpoint_overrides else {}
+    config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
     abstract_model = nnx.eval_shape(lambda: arch.model_class(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(abstract_state)
@@ -178,7 +207,18 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         )
     # The arrays were allocated here and nothing else holds them: JAX may use their memory as is
     # (on CPU this skips a full copy of the model).
-    return nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays))
+    model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays))
+    # Kept (as a string: static and hashable) so that save_merged can write a config.json transformers reads.
+    model.hf_config_json = json.dumps(hf_config, sort_keys=True)
+    return model
+
+
+def architecture_for(model: nnx.Module) -> Architecture:
+    """The Architecture entry whose model class built `model`."""
+    for arch in ARCHITECTURES.values():
+        if type(model) is arch.model_class:
+            return arch
+    raise CheckpointError(f"{type(model).__name__} has no Hugging Face mapping; supported: {listing(ARCHITECTURES)}")
 
 
 def _is_tied_head(name: str, config) -> bool:

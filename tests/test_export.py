@@ -1,0 +1,57 @@
+"""Merged models out: save_merged writes what transformers loads, with the adapted model's logits
+and the same weights as peft's merge_and_unload."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import interop
+import lorax
+from conftest import sync_into_peft
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_llama_loads_in_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, tie_word_embeddings=tied)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    config = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], layers_to_transform=None,
+                  init_lora_weights=False)
+    params = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    adapted = np.asarray(lorax.apply(graphdef, params, jnp.asarray(ids.numpy())))
+
+    merged = lorax.merge(params)
+    interop.save_merged(tmp_path / "merged", graphdef, merged, max_shard_size=60_000)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()  # sharded above the limit
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(ids).logits.numpy(), adapted, atol=1e-4, rtol=1e-4)
+    assert loaded.config.tie_word_embeddings == tied
+
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(**config))
+    sync_into_peft(params, peft_model)
+    theirs = peft_model.merge_and_unload().state_dict()
+    assert loaded.state_dict().keys() == theirs.keys()
+    for name, value in loaded.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), theirs[name].numpy(), atol=1e-6, err_msg=name)
+
+
+def test_save_merged_dtype_and_errors(tmp_path):
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    params = lorax.lora(base, lorax.LoraConfig(target_modules=["q_proj"]), key=jax.random.key(0))
+    with pytest.raises(lorax.LoraError, match=r"still hold adapters: pass lorax.merge\(params\)"):
+        interop.save_merged(tmp_path / "out", graphdef, params)
+    interop.save_merged(tmp_path / "bf16", graphdef, lorax.merge(params), dtype=jnp.bfloat16)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

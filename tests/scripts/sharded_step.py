@@ -1,0 +1,61 @@
+"""Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: a LoRA train step on a
+(data, fsdp) mesh equals the same step on one device. Prints one line per mesh."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import lorax
+from lorax.models import LlamaConfig, LlamaForCausalLM
+from lorax.sharding import batch_sharding, make_mesh, shard_params
+
+jax.config.update("jax_default_matmul_precision", "highest")
+assert jax.device_count() == 8, jax.devices()
+
+config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+graphdef, base = lorax.split(LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False), key=jax.random.key(1))
+ids = jax.random.randint(jax.random.key(2), (8, 16), 0, 128)
+opt = lorax.optimizer(optax.adamw(1e-2), params)
+
+
+def step(trainable, frozen, state, ids):
+    def loss(t):
+        logits = lorax.apply(graphdef, lorax.combine(t, frozen), ids[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    value, grads = jax.value_and_grad(loss)(trainable)
+    updates, state = opt.update(grads, state, trainable)
+    return optax.apply_updates(trainable, updates), state, value
+
+
+def run(params, ids, steps=2):
+    trainable, frozen = lorax.partition(params)
+    state = opt.init(trainable)
+    jitted = jax.jit(step)
+    for _ in range(steps):
+        trainable, state, value = jitted(trainable, frozen, state, ids)
+    return trainable, value, frozen
+
+
+single = jax.devices()[0]
+reference, reference_loss, _ = run(jax.device_put(params, single), jax.device_put(ids, single))
+for data, fsdp, shard_adapters in [(8, 1, False), (1, 8, False), (2, 4, True)]:
+    mesh = make_mesh(data=data, fsdp=fsdp)
+    trainable, loss, frozen = run(shard_params(params, mesh, shard_adapters=shard_adapters),
+                                  jax.device_put(ids, batch_sharding(mesh)))
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), trainable, reference)
+    kernel = frozen["model"]["layers"]["*"]["mlp"]["up_proj"]["kernel"]
+    shards = {shard.data.shape for shard in kernel.addressable_shards}
+    expected = {(2, 64, 128 // fsdp)} if fsdp > 1 else {(2, 64, 128)}
+    assert shards == expected, (shards, expected)
+    print(f"data={data} fsdp={fsdp} shard_adapters={shard_adapters}: equal to one device; "
+          f"frozen kernel shards {sorted(shards)}")
+sys.exit(0)

@@ -173,14 +173,20 @@ def sync_into_peft(params, peft_model) -> None:
                     state[b_name].copy_(torch.from_numpy(b.T.copy()))
             elif isinstance(leaf, lorax.TrainableArray):
                 path = lorax.targets.dotted(keypath)
-                module, _, name = path.rpartition(".")
-                candidates = [
-                    f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
-                    f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
-                    f"base_model.model.{module}.{TORCH_LEAF[name]}",
-                ]
-                target = next(c for c in candidates if c in state)
-                state[target].copy_(_torch_value(name, leaf.value))
+                stored_module, _, name = path.rpartition(".")
+                per_layer = [(stored_module, leaf.value)]
+                if lorax.targets.STACK in stored_module.split("."):
+                    # a trained bias of stacked layers is one array; in torch, layer i is its own module
+                    per_layer = [(stored_module.replace(lorax.targets.STACK, str(i)), value)
+                                 for i, value in enumerate(leaf.value)]
+                for module, value in per_layer:
+                    candidates = [
+                        f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
+                        f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
+                        f"base_model.model.{module}.{TORCH_LEAF[name]}",
+                    ]
+                    target = next(c for c in candidates if c in state)
+                    state[target].copy_(_torch_value(name, value))
 
 
 def perturb_trained_leaves(params, key):

@@ -1,6 +1,19 @@
 """Flax NNX models whose parameter paths are Hugging Face's module names."""
 
+from lorax.models.bert import BaseModelOutputWithPooling, BertConfig, BertModel
+from lorax.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from lorax.models.layers import STACK
 from lorax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-__all__ = ["STACK", "LlamaConfig", "LlamaForCausalLM", "LlamaModel"]
+__all__ = [
+    "STACK",
+    "BaseModelOutputWithPooling",
+    "BertConfig",
+    "BertModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaModel",
+]

@@ -6,6 +6,7 @@ leading layer axis, and `lorax` reads the `*` as "one module per index"
 (`model.layers.0.self_attn.q_proj`, ...), the names peft and transformers use.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -13,6 +14,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorax.targets import STACK
+
+
+# transformers' activation names (ACT2FN) -> the same function. "gelu" is the exact (erf) GELU;
+# "gelu_new" and "gelu_pytorch_tanh" are its tanh approximation (GPT-2).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation transformers calls `name` (config.json's hidden_act / activation_function).
+
+    >>> activation("gelu_new")(jnp.zeros(2))
+    Array([0., 0.], dtype=float32)
+    """
+    if name not in ACTIVATIONS:
+        raise NotImplementedError(f"activation {name!r} is not supported yet (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
 
 
 def linear(d_in: int, d_out: int, bias: bool, config, rngs: nnx.Rngs) -> nnx.Linear:
@@ -41,7 +65,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight.value * normed.astype(x.dtype)
+        return self.weight.get_value() * normed.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -57,7 +81,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         normed = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return normed * self.weight.value.astype(x.dtype) + self.bias.value.astype(x.dtype)
+        return normed * self.weight.get_value().astype(x.dtype) + self.bias.get_value().astype(x.dtype)
 
 
 def causal_mask(seq: int, attention_mask: jax.Array | None) -> jax.Array:

@@ -198,7 +198,7 @@ class LlamaForCausalLM(nnx.Module):
         out = self.model(input_ids, attention_mask, position_ids, cache, cache_index)
         h, cache = (out, None) if cache is None else out
         if self.config.tie_word_embeddings:
-            logits = h @ self.model.embed_tokens.embedding.value.T.astype(h.dtype)
+            logits = h @ self.model.embed_tokens.embedding.get_value().T.astype(h.dtype)
         else:
             logits = self.lm_head(h)
         return logits if cache is None else (logits, cache)

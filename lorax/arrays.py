@@ -81,7 +81,9 @@ class LoraArray(quax.ArrayValue):
         return (scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
 
     def materialise(self) -> jax.Array:
-        return lax.stop_gradient(self.w) + self.delta()
+        # An implicit base (an NF4-quantized weight: QLoRA) is dequantized first.
+        w = self.w.materialise() if isinstance(self.w, quax.ArrayValue) else self.w
+        return lax.stop_gradient(w) + self.delta()
 
     @staticmethod
     def default(primitive, values: Sequence[Any], params: dict[str, Any]):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError
+from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, dequantize, quantize_like
 from lorax.targets import BIAS_LEAF, Target, dotted, modules, saved_module_paths, select_targets
 
 
@@ -90,6 +91,7 @@ def lora(
     output_head: str | None = None,
     adapter_dtype=None,
     allow_materialize: bool = False,
+    quantize: str | QuantConfig | None = None,
 ) -> Any:
     """Add LoRA adapters to the modules that `config` targets.
 
@@ -100,6 +102,11 @@ def lora(
         output_head: module path of the output head that "all-linear" leaves out ("lm_head").
         adapter_dtype: dtype of A and B; default fp32 (or the base dtype if wider).
         allow_materialize: let operations without a factored rule form W + s·A·B.
+        quantize: QLoRA: "nf4" or "fp4" (blocksize 64, no double quantization), or a
+            `lorax.nf4.QuantConfig`, stores the frozen base of every adapted linear kernel in 4
+            bits (an `Nf4Array`, quantized as torch's (out, in) weight, as bitsandbytes does).
+            Embeddings, norms, the `output_head` and untargeted weights keep their dtype. The
+            4-bit codes are integers: differentiate the trainable half of `lorax.partition`.
 
     Returns:
         The same tree with each targeted weight a `LoraArray`, trained biases and
@@ -107,6 +114,7 @@ def lora(
 
     Example:
         >>> params = lora(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
+        >>> params = lora(params, config, key=key, quantize=lorax.nf4.QuantConfig("nf4", double_quant=True))
     """
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
@@ -119,14 +127,18 @@ def lora(
     _check_lora_only_bias(config, targets, all_modules)
     saved = saved_module_paths(config, params)
     keys = dict(zip(by_leaf, jax.random.split(key, len(by_leaf))))
+    quant = _quant_config(quantize)
 
     def transform(keypath, leaf):
         path = dotted(keypath)
         module_path, _, leaf_name = path.rpartition(".")
         if path in by_leaf:
             group = by_leaf[path]
+            base = leaf
+            if quant is not None and group[0].kind == "linear" and module_path != output_head:
+                base = quant.quantize_kernel(leaf)
             return _lora_array(
-                leaf, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
+                base, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
                 dropout_rate=config.lora_dropout if group[0].kind == "linear" else 0.0,
                 allow_materialize=allow_materialize,
             )
@@ -137,6 +149,21 @@ def lora(
         return leaf
 
     return jax.tree_util.tree_map_with_path(transform, params)
+
+
+def _quant_config(quantize: str | QuantConfig | None) -> QuantConfig | None:
+    if quantize is None or isinstance(quantize, QuantConfig):
+        return quantize
+    if quantize in QUANT_TYPES:
+        return QuantConfig(quant_type=quantize)
+    raise LoraConfigError(
+        f"quantize must be None, one of {QUANT_TYPES} or a lorax.nf4.QuantConfig, got {quantize!r}"
+    )
+
+
+def _dense(w) -> jax.Array:
+    """A base weight as a plain array: an NF4-quantized base (QLoRA) is dequantized."""
+    return dequantize(w) if isinstance(w, Nf4Array) else w
 
 
 def _check_lora_only_bias(config: LoraConfig, targets: list[Target], all_modules) -> None:
@@ -164,14 +191,15 @@ def _map_adapters(fn, params: Any) -> Any:
 
 def merge(params: Any) -> Any:
     """Fold every adapter into its weight: `w + scale·a@b`; modules_to_save copies replace
-    their originals (peft's merge_and_unload). Returns a tree of plain arrays.
+    their originals (peft's merge_and_unload). Returns a tree of plain arrays; a 4-bit base
+    (QLoRA) is dequantized first, in its dtype.
 
     Example:
         >>> merged = lorax.merge(params)   # same outputs, no adapter cost at inference
     """
     def merged(leaf):
         if isinstance(leaf, LoraArray):
-            return leaf.w + leaf.delta()
+            return _dense(leaf.w) + leaf.delta()
         return leaf.value
 
     return _map_adapters(merged, params)
@@ -185,11 +213,15 @@ def unmerge(merged: Any, adapted: Any) -> Any:
         adapted: the LoRA tree whose A/B (and modules_to_save originals) to separate out.
 
     Returns:
-        A LoRA tree like `adapted` whose base weights come from `merged`.
+        A LoRA tree like `adapted` whose base weights come from `merged` (4-bit bases are
+        quantized again, the way they were).
     """
     def separate(merged_leaf, leaf):
         if isinstance(leaf, LoraArray):
-            return eqx.tree_at(lambda l: l.w, leaf, merged_leaf - leaf.delta())
+            base = merged_leaf - leaf.delta()
+            if isinstance(leaf.w, Nf4Array):
+                base = quantize_like(base, leaf.w)
+            return eqx.tree_at(lambda l: l.w, leaf, base)
         if isinstance(leaf, TrainableArray):
             return eqx.tree_at(lambda l: l.value, leaf, merged_leaf)
         return merged_leaf
@@ -246,17 +278,23 @@ def combine(trainable: Any, frozen: Any) -> Any:
 
 def count_parameters(params: Any) -> tuple[int, int]:
     """(trainable, all) parameter counts, counted as peft counts them: A and B are added to the
-    base, and a modules_to_save copy counts beside its original.
+    base, a modules_to_save copy counts beside its original, and a 4-bit base counts twice its
+    packed bytes (the original size; peft's rule for bitsandbytes' Params4bit).
 
     Example:
         >>> lorax.count_parameters(params)
         (12660, 455262)
     """
+    def base_size(w) -> int:
+        return 2 * int(w.packed.size) if isinstance(w, Nf4Array) else int(w.size)
+
     trainable = total = 0
-    for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter):
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: is_adapter(x) or isinstance(x, Nf4Array)):
         if isinstance(leaf, LoraArray):
-            total += int(leaf.w.size) + leaf.adapter_size()
+            total += base_size(leaf.w) + leaf.adapter_size()
             trainable += leaf.adapter_size()
+        elif isinstance(leaf, Nf4Array):
+            total += base_size(leaf)
         elif isinstance(leaf, TrainableArray):
             total += int(leaf.value.size) + (0 if leaf.original is None else int(leaf.original.size))
             trainable += int(leaf.value.size)

@@ -1,20 +1,33 @@
-"""Training pieces: an optax optimizer that only ever holds state for trainable leaves.
+"""Training: an optimizer that only holds state for trainable leaves, loss functions, a jitted
+train step over the trainable half of a LoRA tree, and a `fit` loop with a progress bar,
+JSONL logs, a loss-curve PNG and resumable orbax checkpoints.
 
->>> import optax
->>> opt = optimizer(optax.adamw(1e-3), params)            # doctest: +SKIP
->>> trainable, frozen = lorax.partition(params)            # doctest: +SKIP
->>> opt_state = opt.init(trainable)                        # doctest: +SKIP
+>>> trainable, frozen = lorax.partition(params)                                        # doctest: +SKIP
+>>> state = TrainState.create(trainable, tx, jax.random.key(0))                         # doctest: +SKIP
+>>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss)                        # doctest: +SKIP
+>>> state, metrics = step(state, {"input_ids": ids, "attention_mask": mask})            # doctest: +SKIP
 """
 
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+from tqdm.auto import tqdm
 
+from lorax.apply import apply
 from lorax.errors import LoraError
-from lorax.transform import trainable_mask
+from lorax.transform import combine, trainable_mask
 
 TRAINABLE, FROZEN = "trainable", "frozen"
+IGNORE_INDEX = -100  # transformers' label for "no loss here"
 
 
 def _labels(params: Any) -> Any:
@@ -44,3 +57,235 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
     if not any(jax.tree_util.tree_leaves(trainable_mask(params))):
         raise LoraError("params have no trainable leaves: call lorax.lora(params, config, key=...) first")
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, _labels)
+
+
+def default_tx(learning_rate: float, total_steps: int, *, warmup_steps: int | None = None, weight_decay: float = 0.0,
+               clip_norm: float | None = 1.0, accumulation_steps: int = 1) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay, global-norm clipping, and optional gradient
+    accumulation (optax.MultiSteps: one update every `accumulation_steps` calls)."""
+    warmup = warmup_steps if warmup_steps is not None else max(1, total_steps // 10)
+    # Warmup starts at lr/warmup, not 0: a first update with learning rate 0 would be wasted.
+    schedule = optax.warmup_cosine_decay_schedule(learning_rate / max(warmup, 1), learning_rate, warmup,
+                                                  max(total_steps, warmup + 1))
+    tx = optax.adamw(schedule, weight_decay=weight_decay)
+    if clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return optax.MultiSteps(tx, accumulation_steps) if accumulation_steps > 1 else tx
+
+
+def causal_lm_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """Mean next-token cross-entropy (fp32). Tokens whose label is -100, or whose
+    attention_mask is 0, do not count. Labels default to input_ids (shifted here)."""
+    labels = batch.get("labels", batch["input_ids"])[:, 1:]
+    weights = labels != IGNORE_INDEX
+    if "attention_mask" in batch:
+        weights &= batch["attention_mask"][:, 1:].astype(bool)
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), jnp.where(weights, labels, 0))
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def classification_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """Mean cross-entropy of (batch, classes) logits against integer `labels`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"]).mean()
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments a model takes from a batch (labels are for the loss)."""
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids", "position_ids")}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training: the trainable half, optimizer state, step, rng."""
+
+    trainable: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+    @classmethod
+    def create(cls, trainable: Any, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+        return cls(trainable, tx.init(trainable), jnp.zeros((), jnp.int32), rng)
+
+
+def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_fn: Callable, *,
+                    remat: bool = False) -> Callable:
+    """A jitted `step(state, batch) -> (state, metrics)`.
+
+    Args:
+        model: a graphdef from `lorax.split` (or any `fn(params, **inputs)`).
+        frozen: the frozen half of `lorax.partition(params)`; closed over, never differentiated.
+        tx: the optax transformation (e.g. `lorax.optimizer(default_tx(...), params)`).
+        loss_fn: `loss_fn(logits, batch) -> scalar`, e.g. `causal_lm_loss`.
+        remat: recompute the forward pass in the backward pass (less memory, more compute).
+
+    The state is donated: its buffers are reused for the new state. lora_dropout draws its
+    randomness from `fold_in(state.rng, state.step)`, so a resumed run repeats it exactly.
+    """
+
+    def loss(trainable, batch, key):
+        logits = apply(model, combine(trainable, frozen), dropout_key=key, **model_inputs(batch))
+        return loss_fn(logits, batch)
+
+    if remat:
+        loss = jax.checkpoint(loss)
+
+    def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(state.rng, state.step)
+        value, grads = jax.value_and_grad(loss)(state.trainable, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+        return TrainState(trainable, opt_state, state.step + 1, state.rng), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model, frozen: Any, loss_fn: Callable) -> Callable:
+    """A jitted `eval_step(trainable, batch) -> (loss, logits)` without dropout."""
+
+    @jax.jit
+    def eval_step(trainable, batch):
+        logits = apply(model, combine(trainable, frozen), **model_inputs(batch))
+        return loss_fn(logits, batch), logits
+
+    return eval_step
+
+
+def batches(data: dict, batch_size: int, *, seed: int = 0, start: int = 0) -> Iterator[dict]:
+    """Endless shuffled batches of a dict of equal-length arrays, each epoch in a fresh order.
+    Batch number `i` depends only on (seed, i): resuming from `start` gives the same batches."""
+    size = len(next(iter(data.values())))
+    per_epoch = size // batch_size
+    if per_epoch == 0:
+        raise LoraError(f"batch_size {batch_size} is larger than the dataset ({size} examples)")
+    index = start
+    while True:
+        epoch, position = divmod(index, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(size)
+        rows = order[position * batch_size:(position + 1) * batch_size]
+        yield {k: np.asarray(v)[rows] for k, v in data.items()}
+        index += 1
+
+
+class Checkpoints:
+    """Resumable training checkpoints with orbax: the trainable half, optimizer state, step and
+    rng (the frozen base is not written again). Keeps the last `keep`; orbax writes each to a
+    temporary folder and renames it when complete, so a killed save leaves the previous one."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    @staticmethod
+    def _flat(state: TrainState) -> dict:
+        # Leaves by index: a plain dict orbax can write whatever the tree holds (None halves, LoraArrays).
+        leaves = jax.tree_util.tree_leaves((state.trainable, state.opt_state))
+        return {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)}, "step": state.step,
+                "rng": jax.random.key_data(state.rng)}
+
+    def save(self, state: TrainState) -> None:
+        self.manager.save(int(state.step), args=self._ocp.args.StandardSave(self._flat(state)))
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, like: TrainState, step: int | None = None) -> TrainState:
+        """The saved state, shaped like `like` (a freshly created TrainState)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise LoraError(f"no checkpoint to resume from in {self.manager.directory}")
+        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(self._flat(like)))
+        treedef = jax.tree_util.tree_structure((like.trainable, like.opt_state))
+        leaves = [restored["leaves"][str(i)] for i in range(treedef.num_leaves)]
+        trainable, opt_state = jax.tree_util.tree_unflatten(treedef, leaves)
+        return TrainState(trainable, opt_state, jnp.asarray(restored["step"], jnp.int32),
+                          jax.random.wrap_key_data(restored["rng"]))
+
+
+def fit(step_fn: Callable, state: TrainState, data: dict, *, steps: int, batch_size: int, seed: int = 0,
+        eval_fn: Callable | None = None, eval_every: int = 0, log_dir: str | os.PathLike | None = None,
+        checkpoints: Checkpoints | None = None, save_every: int = 0, learning_rate: Callable | None = None,
+        progress: bool = True) -> TrainState:
+    """Train for `steps` steps (counted from state.step, so a restored state continues where it stopped).
+
+    Args:
+        step_fn: from `make_train_step`.
+        state: a TrainState (fresh, or from `Checkpoints.restore`).
+        data: a dict of equal-length arrays (input_ids, attention_mask, labels, ...).
+        steps: the total number of steps of the run.
+        batch_size, seed: batching (see `batches`); the data position is the step.
+        eval_fn: `eval_fn(state) -> dict of metrics`, called every `eval_every` steps and at the end.
+        log_dir: where `log.jsonl` (one line per step) and `curves.png` go.
+        checkpoints, save_every: save every `save_every` steps and at the end.
+        learning_rate: the schedule, to log and plot the learning rate.
+    """
+    log = None
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        log = open(Path(log_dir) / "log.jsonl", "a")
+    start = int(state.step)
+    data_iter = batches(data, batch_size, seed=seed, start=start)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="training", disable=not progress)
+    history = []
+    try:
+        for step in bar:
+            batch = next(data_iter)
+            began = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            loss = float(metrics["loss"])  # one host sync per step, outside the jitted step
+            tokens = int(np.prod(batch["input_ids"].shape)) if "input_ids" in batch else batch_size
+            record = {"step": step + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                      "tokens_per_s": tokens / (time.perf_counter() - began)}
+            if learning_rate is not None:
+                record["learning_rate"] = float(learning_rate(step))
+            if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
+                record.update({f"eval_{k}": float(v) for k, v in eval_fn(state).items()})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "learning_rate", "tokens_per_s")},
+                            refresh=False)
+            history.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+            if checkpoints is not None and save_every and (step + 1) % save_every == 0:
+                checkpoints.save(state)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if checkpoints is not None and int(state.step) != checkpoints.latest_step():
+        checkpoints.save(state)
+    if log_dir is not None and history:
+        plot_curves(history, Path(log_dir) / "curves.png")
+    return state
+
+
+def plot_curves(history: list[dict], path: Path) -> Path | None:
+    """Loss (and learning rate) against step, as a PNG; skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in history]
+    figure, axes = plt.subplots(1, 2 if "learning_rate" in history[0] else 1, figsize=(10, 4), squeeze=False)
+    axes[0][0].plot(steps, [r["loss"] for r in history], label="train loss")
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if evals:
+        axes[0][0].plot(*zip(*evals), "o-", label="eval loss")
+    axes[0][0].set(xlabel="step", ylabel="loss", title="loss")
+    axes[0][0].legend()
+    if "learning_rate" in history[0]:
+        axes[0][1].plot(steps, [r["learning_rate"] for r in history])
+        axes[0][1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,6 +1,6 @@
 """Flax NNX models whose parameter paths are Hugging Face's module names."""
 
-from lorax.models.bert import BaseModelOutputWithPooling, BertConfig, BertModel
+from lorax.models.bert import BaseModelOutputWithPooling, BertConfig, BertForSequenceClassification, BertModel
 from lorax.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from lorax.models.layers import STACK
 from lorax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel

@@ -185,3 +185,35 @@ class BertModel(nnx.Module):
         h = self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), padding_mask(attention_mask, seq))
         pooled = self.pooler(h) if self.config.add_pooling_layer else None
         return BaseModelOutputWithPooling(h, pooled)
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT with a classification head on the pooled [CLS] output, named as transformers names it
+    (`bert.*`, `classifier`), so a peft adapter with `modules_to_save=["classifier"]` fits
+    transformers' BertForSequenceClassification: `model(input_ids, attention_mask=None,
+    token_type_ids=None) -> logits (b, num_labels)`.
+
+    >>> model = BertForSequenceClassification.from_encoder(interop.from_pretrained(path), 2, rngs=nnx.Rngs(0))
+    """
+
+    def __init__(self, config: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+        if not config.add_pooling_layer:
+            raise NotImplementedError("sequence classification uses the pooler; this BERT has none")
+        self.bert = BertModel(config, rngs=rngs)
+        # transformers initialises the head with N(0, 0.02) (initializer_range) and a zero bias.
+        self.classifier = nnx.Linear(config.hidden_size, num_labels, dtype=config.dtype, param_dtype=config.param_dtype,
+                                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    @classmethod
+    def from_encoder(cls, encoder: BertModel, num_labels: int, *, rngs: nnx.Rngs) -> "BertForSequenceClassification":
+        """A new head on a loaded encoder (e.g. from interop.from_pretrained)."""
+        model = nnx.eval_shape(lambda: cls(encoder.config, num_labels, rngs=nnx.Rngs(0)))
+        model.bert = encoder
+        config = encoder.config
+        model.classifier = nnx.Linear(config.hidden_size, num_labels, dtype=config.dtype,
+                                      param_dtype=config.param_dtype,
+                                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        return model
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.classifier(self.bert(input_ids, attention_mask, token_type_ids).pooler_output)

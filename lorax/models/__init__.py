@@ -9,6 +9,7 @@ __all__ = [
     "STACK",
     "BaseModelOutputWithPooling",
     "BertConfig",
+    "BertForSequenceClassification",
     "BertModel",
     "GPT2Config",
     "GPT2LMHeadModel",

@@ -1,0 +1,182 @@
+"""`lorax-jax`: fine-tune, merge and inspect Hugging Face models from the shell.
+
+    lorax-jax inspect  --model DIR [--target-modules q_proj,v_proj --r 8]
+    lorax-jax finetune --model DIR --data FILE.jsonl --target-modules q_proj,v_proj --r 8 --alpha 16 --out DIR
+    lorax-jax merge    --model DIR --adapter DIR --out DIR
+
+Errors print one line (`lorax-jax: error: ...`) and exit with status 2.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def _targets(text: str):
+    """"q_proj,v_proj" -> a list; "all-linear" and anything with regex characters stay a string."""
+    if text == "all-linear" or any(c in text for c in "*+?[]()|\\^$"):
+        return text
+    return [name for name in text.split(",") if name]
+
+
+def _config(args):
+    import lorax
+
+    return lorax.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                            target_modules=_targets(args.target_modules), task_type=args.task_type)
+
+
+def _load(model_dir: str):
+    import interop
+    import lorax
+
+    model = interop.from_pretrained(model_dir)
+    graphdef, params = lorax.split(model)
+    return model, graphdef, params
+
+
+def inspect(args) -> None:
+    import jax
+
+    import lorax
+    from lorax.targets import modules
+
+    model, _, params = _load(args.model)
+    print(f"{type(model).__name__} from {args.model}")
+    for path, module in modules(params).items():
+        if module.kind:
+            shape = module.leaves[module.weight_leaf].shape[-2:]
+            print(f"  {path:<48} {module.kind:<9} {shape}")
+    print(f"parameters: {sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)):,d}")
+    if args.target_modules:
+        head = getattr(model, "output_head", None)
+        targets = lorax.select_targets(_config(args), params, output_head=head)
+        print(f"a LoRA config with target_modules={args.target_modules!r} adapts {len(targets)} modules:")
+        for target in targets:
+            print(f"  {target.path} (r={target.r}, alpha={target.lora_alpha})")
+        lorax.print_trainable_parameters(lorax.lora(params, _config(args), key=jax.random.key(0), output_head=head))
+
+
+def _dataset(path: str, model_dir: str, max_length: int) -> dict:
+    """JSONL records with "input_ids" (token lists) or "text" (tokenized with the model's tokenizer.json)."""
+    from lorax.errors import LoraError
+
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not records:
+        raise LoraError(f"{path} holds no records")
+    if all("input_ids" in r for r in records):
+        sequences = [list(r["input_ids"])[:max_length] for r in records]
+    elif all("text" in r for r in records):
+        tokenizer_file = Path(model_dir) / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise LoraError(f"{path} has text records but {model_dir} has no tokenizer.json; give input_ids instead")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        sequences = [e.ids[:max_length] for e in tokenizer.encode_batch([r["text"] for r in records])]
+    else:
+        raise LoraError(f"every record of {path} needs an \"input_ids\" list or a \"text\" string")
+    length = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), length), np.int32)
+    mask = np.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)], mask[row, : len(sequence)] = sequence, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": np.where(mask == 1, ids, -100)}
+
+
+def finetune(args) -> None:
+    import jax
+
+    import interop
+    import lorax
+    from lorax.train import Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_train_step
+
+    model, graphdef, base = _load(args.model)
+    data = _dataset(args.data, args.model, args.max_length)
+    config = _config(args)
+    params = lorax.lora(base, config, key=jax.random.key(args.seed), output_head=getattr(model, "output_head", None))
+    lorax.print_trainable_parameters(params)
+    trainable, frozen = lorax.partition(params)
+    tx = lorax.optimizer(default_tx(args.lr, args.steps, accumulation_steps=args.accumulation_steps), params)
+    state = TrainState.create(trainable, tx, jax.random.key(args.seed + 1))
+    out = Path(args.out)
+    checkpoints = Checkpoints(out / "checkpoints", keep=args.keep)
+    if args.resume:
+        state = checkpoints.restore(state)
+        print(f"resuming from step {int(state.step)}")
+    state = fit(make_train_step(graphdef, frozen, tx, causal_lm_loss), state, data, steps=args.steps,
+                batch_size=min(args.batch_size, len(data["input_ids"])), seed=args.seed, log_dir=out / "logs",
+                checkpoints=checkpoints, save_every=args.save_every)
+    interop.save_adapter(out / "adapter", lorax.combine(state.trainable, frozen), config,
+                         base_model_name_or_path=str(Path(args.model).absolute()))
+    print(f"adapter written to {out / 'adapter'} (peft format); logs and curves in {out / 'logs'}")
+
+
+def merge(args) -> None:
+    import interop
+    import lorax
+
+    model, graphdef, base = _load(args.model)
+    params = interop.load_adapter(args.adapter, base, output_head=getattr(model, "output_head", None))
+    interop.save_merged(args.out, graphdef, lorax.merge(params))
+    print(f"merged model written to {args.out} (transformers format)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lorax-jax", description="LoRA for JAX with Hugging Face / peft interop.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def lora_options(p, required):
+        p.add_argument("--target-modules", required=required, default=None,
+                       help='comma-separated module names (q_proj,v_proj), a regex, or "all-linear"')
+        p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+        p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default 16)")
+        p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
+        p.add_argument("--task-type", default="CAUSAL_LM", help="peft task_type recorded in the adapter")
+
+    p = commands.add_parser("inspect", help="list a model's module paths and what a LoRA config would adapt")
+    p.add_argument("--model", required=True, help="a local Hugging Face model folder")
+    lora_options(p, required=False)
+    p.set_defaults(run=inspect)
+
+    p = commands.add_parser("finetune", help="LoRA fine-tune a causal LM on a JSONL file and write a peft adapter")
+    p.add_argument("--model", required=True, help="a local Hugging Face model folder")
+    p.add_argument("--data", required=True, help='JSONL: one {"text": ...} or {"input_ids": [...]} per line')
+    p.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, logs/")
+    lora_options(p, required=True)
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--accumulation-steps", type=int, default=1, help="gradient accumulation (default 1)")
+    p.add_argument("--max-length", type=int, default=256, help="truncate sequences to this many tokens")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.set_defaults(run=finetune)
+
+    p = commands.add_parser("merge", help="merge a peft adapter into its base and write a transformers checkpoint")
+    p.add_argument("--model", required=True, help="the base model folder")
+    p.add_argument("--adapter", required=True, help="a peft LoRA adapter folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(run=merge)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lorax.errors import LoraError
+
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (LoraError, OSError, ValueError) as error:
+        print(f"lorax-jax: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

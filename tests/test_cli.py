@@ -1,0 +1,67 @@
+"""The lorax-jax command line: inspect prints peft's counts, finetune writes an adapter PeftModel
+loads, merge writes a checkpoint transformers loads, bad input is one line."""
+
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+from conftest import peft_line
+from interop.cli import main
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(folder)
+    return folder
+
+
+def test_inspect_prints_peft_counts(model_dir, capsys):
+    assert main(["inspect", "--model", str(model_dir), "--target-modules", "q_proj,v_proj", "--r", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn.q_proj" in out and "adapts 4 modules" in out
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    expected = peft_line(peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=16,
+                                                                          target_modules=["q_proj", "v_proj"])))
+    assert out.strip().splitlines()[-1] == expected
+
+
+def test_finetune_then_merge(model_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": rng.integers(0, 64, 10).tolist()}) for _ in range(16)))
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(model_dir), "--data", str(data), "--target-modules", "q_proj,v_proj",
+            "--r", "4", "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--save-every", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "logs" / "curves.png").is_file()
+    assert main(args[:-2] + ["--steps", "6", "--resume", "--out", str(out)]) == 0
+    assert "resuming from step 4" in capsys.readouterr().out
+
+    ids = torch.tensor(rng.integers(0, 64, (1, 8)))
+    peft_model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                                                out / "adapter").eval()
+    assert main(["merge", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(ids).logits.numpy(), peft_model(ids).logits.numpy(), atol=1e-4)
+
+
+def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
+    assert main(["inspect", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorax-jax: error: no config.json in") and len(err.strip().splitlines()) == 1
+    assert main(["inspect", "--model", str(model_dir), "--target-modules", "q_prj"]) == 2
+    assert "nearest" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(model_dir)])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required" in capsys.readouterr().err

@@ -21,10 +21,10 @@ import optax  # noqa: E402
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from tqdm import trange  # noqa: E402
 
 import interop  # noqa: E402
 import lorax  # noqa: E402
+from lorax.train import TrainState, causal_lm_loss, fit, make_train_step  # noqa: E402
 
 
 def main():
@@ -39,26 +39,14 @@ def main():
     params = lorax.lora(base, lora_config, key=jax.random.key(0))
     lorax.print_trainable_parameters(params)
 
-    sequence = jnp.asarray([[5, 17, 42, 8, 99, 23, 64, 3, 77, 12, 5, 17, 42, 8, 99, 23]])
+    sequence = np.asarray([[5, 17, 42, 8, 99, 23, 64, 3, 77, 12, 5, 17, 42, 8, 99, 23]], np.int32)
     trainable, frozen = lorax.partition(params)
-    opt = lorax.optimizer(optax.adam(3e-2), params)
-    state = opt.init(trainable)
-
-    @jax.jit
-    def step(trainable, state):
-        def loss(t):
-            logits = lorax.apply(graphdef, lorax.combine(t, frozen), sequence[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, sequence[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(trainable)
-        updates, state = opt.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state, value
-
-    with trange(60, desc="LoRA fine-tune") as bar:
-        for _ in bar:
-            trainable, state, value = step(trainable, state)
-            bar.set_postfix(loss=f"{float(value):.3f}", refresh=False)
-    params = lorax.combine(trainable, frozen)
+    tx = lorax.optimizer(optax.adam(3e-2), params)
+    step = make_train_step(graphdef, frozen, tx, causal_lm_loss)
+    state = fit(step, TrainState.create(trainable, tx, jax.random.key(1)), {"input_ids": sequence}, steps=60,
+                batch_size=1)
+    params = lorax.combine(state.trainable, frozen)
+    sequence = jnp.asarray(sequence)
 
     adapter = os.path.join(folder, "adapter")
     interop.save_adapter(adapter, params, lora_config, base_model_name_or_path="tiny-llama")

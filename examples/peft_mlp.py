@@ -141,12 +141,17 @@ def main():
     # with any setting we tried: 500 examples let the 2000-unit model overfit.
     opt = lorax.optimizer(optax.adam(1e-2), lora_params)
 
+    # `frozen` is an argument of the jitted step, not a closed-over constant: jit would bake a
+    # closed-over array into the compiled program as a literal.
     @jax.jit
-    def lora_step(state, xb, yb):
+    def lora_step_with(frozen, state, xb, yb):
         trainable, opt_state = state
         loss, grads = jax.value_and_grad(lambda t: loss_fn(lorax.combine(t, frozen), xb, yb))(trainable)
         updates, opt_state = opt.update(grads, opt_state, trainable)
         return (optax.apply_updates(trainable, updates), opt_state), loss
+
+    def lora_step(state, xb, yb):
+        return lora_step_with(frozen, state, xb, yb)
 
     state = (trainable, opt.init(trainable))
     trainable, _ = train(lora_step, state, x_new, y_new, epochs=10, batch_size=32, seed=1, desc="LoRA fine-tune")

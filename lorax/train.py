@@ -121,35 +121,48 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
         loss_fn: `loss_fn(logits, batch) -> scalar`, e.g. `causal_lm_loss`.
         remat: recompute the forward pass in the backward pass (less memory, more compute).
 
-    The state is donated: its buffers are reused for the new state. lora_dropout draws its
-    randomness from `fold_in(state.rng, state.step)`, so a resumed run repeats it exactly.
+    The state is donated: its buffers are reused for the new state. The frozen half is passed
+    to the compiled step as an argument on every call (never baked into the program).
+    lora_dropout draws its randomness from `fold_in(state.rng, state.step)`, so a resumed run
+    repeats it exactly.
     """
 
-    def loss(trainable, batch, key):
+    def loss(trainable, frozen, batch, key):
         logits = apply(model, combine(trainable, frozen), dropout_key=key, **model_inputs(batch))
         return loss_fn(logits, batch)
 
     if remat:
         loss = jax.checkpoint(loss)
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, frozen: Any, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
-        value, grads = jax.value_and_grad(loss)(state.trainable, batch, key)
+        value, grads = jax.value_and_grad(loss)(state.trainable, frozen, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
         return TrainState(trainable, opt_state, state.step + 1, state.rng), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    # `frozen` is an argument of the compiled step, never a closed-over constant: jit would
+    # otherwise embed the whole frozen base in the program as literals.
+    jitted = jax.jit(step, donate_argnums=0)
+
+    def train_step(state: TrainState, batch: dict):
+        return jitted(state, frozen, batch)
+
+    train_step.jitted = jitted  # e.g. train_step.jitted.lower(state, frozen, batch) for cost analysis
+    return train_step
 
 
 def make_eval_step(model, frozen: Any, loss_fn: Callable) -> Callable:
     """A jitted `eval_step(trainable, batch) -> (loss, logits)` without dropout."""
 
     @jax.jit
-    def eval_step(trainable, batch):
+    def evaluate(trainable, frozen, batch):
         logits = apply(model, combine(trainable, frozen), **model_inputs(batch))
         return loss_fn(logits, batch), logits
+
+    def eval_step(trainable, batch):
+        return evaluate(trainable, frozen, batch)
 
     return eval_step
 

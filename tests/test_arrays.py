@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import lorax
 from lorax.arrays import LoraArray
 
-SETTINGS = settings(max_examples=15, deadline=None)
+SETTINGS = settings(max_examples=10, deadline=None)
 
 
 def random_lora(key, d_in, d_out, r, scale, dtype=jnp.float32):

@@ -26,6 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from interop.checkpoint import CheckpointError, count_tensors, read_tensors
+from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import listing
 from lorax.models import (
     STACK,
@@ -158,30 +159,39 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         progress: show a tqdm bar while tensors stream in.
 
     Returns:
-        The model (e.g. `LlamaForCausalLM`), its parameters loaded.
+        The model (e.g. `LlamaForCausalLM`), its parameters loaded. A checkpoint saved by
+        transformers from a bitsandbytes 4-bit model (config.json's quantization_config)
+        keeps its quantized kernels as `lorax.Nf4Array`s, dequantizing to `param_dtype`
+        (see interop/prequantized.py); other quantization methods raise CheckpointError.
 
     Raises:
-        CheckpointError: missing files, unsupported architecture, missing or unexpected
+        CheckpointError: missing files, unsupported architecture or quantization, missing or unexpected
             tensors (listed), a shape that does not fit (tensor named, both shapes), or a
             truncated/corrupt file (named).
     """
     folder = Path(path)
     hf_config = read_config(folder)
     _, arch = architecture_of(hf_config)
+    quantized = check_quantization(hf_config)
     param_dtype = param_dtype or dtype
     # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.
-    overrides = arch.checkpoint_overrides([name for name, _ in read_tensors(folder)]) if arch.checkpoint_overrides else {}
+    names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
+    overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}
     config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
     abstract_model = nnx.eval_shape(lambda: arch.model_class(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract_model)
     abstract = nnx.to_pure_dict(abstract_state)
     slots = checkpoint_slots(abstract, arch)
+    # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
     arrays = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, np.dtype(leaf.dtype)), abstract)
+    four_bit = QuantizedWeights(names) if quantized else None
 
     filled, unexpected = set(), []
     tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
                    disable=not progress, leave=False)
     for name, tensor in tensors:
+        if four_bit is not None and four_bit.take(name, tensor):
+            continue
         key = _normalize(name, slots)
         slot = slots.get(key)
         if slot is None:
@@ -198,6 +208,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         else:
             target[slot.layer] = value
         filled.add(key)
+    if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
+        quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots))
+        filled |= quantized_filled
+        unexpected += quantized_unexpected
     missing = sorted(set(slots) - filled)
     if missing or unexpected:
         raise CheckpointError(

@@ -25,7 +25,7 @@ from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, dequantize, quantize_like
-from lorax.targets import BIAS_LEAF, Target, dotted, modules, saved_module_paths, select_targets
+from lorax.targets import BIAS_LEAF, Target, dotted, is_value, modules, saved_module_paths, select_targets
 
 
 def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -135,7 +135,8 @@ def lora(
         if path in by_leaf:
             group = by_leaf[path]
             base = leaf
-            if quant is not None and group[0].kind == "linear" and module_path != output_head:
+            if quant is not None and group[0].kind == "linear" and module_path != output_head \
+                    and not isinstance(leaf, Nf4Array):  # a pre-quantized base stays as it was
                 base = quant.quantize_kernel(leaf)
             return _lora_array(
                 base, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
@@ -148,7 +149,8 @@ def lora(
             return TrainableArray(leaf)
         return leaf
 
-    return jax.tree_util.tree_map_with_path(transform, params)
+    # Implicit arrays (a pre-quantized Nf4Array kernel) are leaves, not trees to walk into.
+    return jax.tree_util.tree_map_with_path(transform, params, is_leaf=is_value)
 
 
 def _quant_config(quantize: str | QuantConfig | None) -> QuantConfig | None:

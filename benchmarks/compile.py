@@ -18,6 +18,7 @@ from flax import nnx
 
 import lorax
 from lorax.models import LlamaConfig, LlamaForCausalLM
+from lorax.train import TrainState, causal_lm_loss, make_train_step
 
 
 def compile_seconds(layers: int) -> float:
@@ -27,20 +28,12 @@ def compile_seconds(layers: int) -> float:
     base = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), base)
     params = lorax.lora(base, lorax.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
     trainable, frozen = lorax.partition(params)
-    opt = lorax.optimizer(optax.adamw(1e-4), params)
-    ids = jnp.zeros((4, 128), jnp.int32)
-
-    def step(trainable, frozen, state, ids):
-        def loss(t):
-            logits = lorax.apply(graphdef, lorax.combine(t, frozen), ids[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-        value, grads = jax.value_and_grad(loss)(trainable)
-        updates, state = opt.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state, value
+    tx = lorax.optimizer(optax.adamw(1e-4), params)
+    step = make_train_step(graphdef, frozen, tx, causal_lm_loss)
+    batch = {"input_ids": jnp.zeros((4, 128), jnp.int32)}
 
     start = time.perf_counter()
-    jax.jit(step).lower(trainable, frozen, opt.init(trainable), ids).compile()
+    step.jitted.lower(TrainState.create(trainable, tx, jax.random.key(0)), frozen, batch).compile()
     return time.perf_counter() - start
 
 

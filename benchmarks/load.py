@@ -11,6 +11,7 @@ the copy into JAX arrays (`block_until_ready`).
 The last line is `ours_over_transformers_load=<ratio>` (below 1.0: we load faster).
 """
 
+import gc
 import os
 import statistics
 import tempfile
@@ -32,6 +33,10 @@ def timed(load) -> float:
     load()  # warm-up: imports, page cache, first compilation of nothing
     times = []
     for _ in range(REPEATS):
+        # The previous load's model is garbage now; transformers' modules hold reference cycles,
+        # so without a collection here their memory would be freed at a random point of a later
+        # timing. (timeit takes the garbage collector out of its timings for the same reason.)
+        gc.collect()
         start = time.perf_counter()
         load()
         times.append(time.perf_counter() - start)

@@ -12,7 +12,9 @@ stays near the size of the result.
 """
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -147,6 +149,34 @@ def architecture_of(config: dict) -> tuple[str, Architecture]:
     )
 
 
+# XLA:CPU adopts a host buffer without copying only when it is 64-byte aligned; numpy's large
+# allocations are 16-byte aligned.
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """np.empty, 64-byte aligned, so that `jax.device_put(..., may_alias=True)` keeps it as is on CPU.
+
+    >>> aligned_empty((3, 5), np.float32).ctypes.data % ALIGNMENT
+    0
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(model_class: type, config) -> tuple[nnx.GraphDef, dict]:
+    """The graphdef and parameter shapes (a pure dict of ShapeDtypeStructs) of `model_class(config)`,
+    nothing allocated. Cached per (class, config): tracing a model's constructor costs about as
+    much as copying a small checkpoint, and loading the same architecture again should not pay it.
+    Callers must not modify the returned dict."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     progress: bool = True) -> nnx.Module:
     """Load a local Hugging Face model folder as our NNX model.
@@ -178,12 +208,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
     overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}
     config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
-    abstract_model = nnx.eval_shape(lambda: arch.model_class(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract_model)
-    abstract = nnx.to_pure_dict(abstract_state)
+    graphdef, abstract = abstract_model(arch.model_class, config)
     slots = checkpoint_slots(abstract, arch)
     # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
-    arrays = jax.tree_util.tree_map(lambda leaf: np.empty(leaf.shape, np.dtype(leaf.dtype)), abstract)
+    arrays = jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract)
     four_bit = QuantizedWeights(names) if quantized else None
 
     filled, unexpected = set(), []
@@ -215,7 +243,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     missing = sorted(set(slots) - filled)
     if missing or unexpected:
         raise CheckpointError(
-            f"{folder} does not match {type(abstract_model).__name__}: "
+            f"{folder} does not match {arch.model_class.__name__}: "
             + (f"missing tensors: {listing(missing)}. " if missing else "")
             + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
         )

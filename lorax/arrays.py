@@ -100,13 +100,20 @@ class LoraArray(quax.ArrayValue):
         """The 2-D transpose, still factored: (w + s·a b)ᵀ = wᵀ + s·bᵀ aᵀ."""
         return eqx.tree_at(lambda l: (l.w, l.a, l.b), self, (self.w.T, self.b.T, self.a.T))
 
-    def adapter_input(self, x: jax.Array, dtype) -> jax.Array:
-        """x as the adapter sees it: in the compute dtype, with lora_dropout when training."""
+    def adapter_input(self, x: jax.Array) -> jax.Array:
+        """x as the adapter sees it: in the adapter's dtype (as peft casts it to lora_A's), with
+        lora_dropout when training."""
+        dtype = self.a.dtype
         x = x.astype(dtype)
         if self.dropout_key is None or self.dropout_rate == 0.0:
             return x
         keep = jax.random.bernoulli(self.dropout_key, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(dtype)
+
+    def add_delta(self, dense: jax.Array, delta: jax.Array) -> jax.Array:
+        """`dense + scale·delta`, summed in the wider of the two dtypes and returned in dense's,
+        as peft does (bf16 base output + fp32 adapter output, cast back to bf16)."""
+        return (dense + self.scale.astype(delta.dtype) * delta).astype(dense.dtype)
 
 
 class TrainableArray(quax.ArrayValue):
@@ -156,6 +163,12 @@ def _dot(lhs, rhs, dimension_numbers, params):
     return quax.quaxify(lax.dot_general)(lhs, rhs, dimension_numbers, **params)
 
 
+def _adapter_params(params: dict) -> dict:
+    """The caller's dot_general options for the adapter's own products, which run in the adapter's
+    dtype: a requested output dtype belongs to the base product (the sum is cast to it)."""
+    return {**params, "preferred_element_type": None}
+
+
 @quax.register(lax.dot_general_p)
 def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimension_numbers, **params):
     """x·W with W = w + s·a b: the base product plus s·((x·a)·b), never forming W."""
@@ -169,10 +182,10 @@ def _dot_general_rhs(x: jax.Array | quax.ArrayValue, weight: LoraArray, *, dimen
     if w_contract == (1,):
         weight = weight.transposed()
     dense = _dot(x, _frozen(weight.w), ((x_contract, (0,)), ((), ())), params)
-    xa = lax.dot_general(weight.adapter_input(x, dense.dtype), weight.a.astype(dense.dtype),
-                         ((x_contract, (0,)), ((), ())), **params)
-    delta = lax.dot_general(xa, weight.b.astype(dense.dtype), (((xa.ndim - 1,), (0,)), ((), ())), **params)
-    return dense + weight.scale.astype(dense.dtype) * delta
+    params = _adapter_params(params)
+    xa = lax.dot_general(weight.adapter_input(x), weight.a, ((x_contract, (0,)), ((), ())), **params)
+    delta = lax.dot_general(xa, weight.b, (((xa.ndim - 1,), (0,)), ((), ())), **params)
+    return weight.add_delta(dense, delta)
 
 
 @quax.register(lax.dot_general_p)
@@ -186,10 +199,10 @@ def _dot_general_lhs(weight: LoraArray, x: jax.Array | quax.ArrayValue, *, dimen
     if w_contract == (0,):
         weight = weight.transposed()
     dense = _dot(_frozen(weight.w), x, (((1,), x_contract), ((), ())), params)
-    bx = lax.dot_general(weight.b.astype(dense.dtype), weight.adapter_input(x, dense.dtype),
-                         (((1,), x_contract), ((), ())), **params)
-    delta = lax.dot_general(weight.a.astype(dense.dtype), bx, (((1,), (0,)), ((), ())), **params)
-    return dense + weight.scale.astype(dense.dtype) * delta
+    params = _adapter_params(params)
+    bx = lax.dot_general(weight.b, weight.adapter_input(x), (((1,), x_contract), ((), ())), **params)
+    delta = lax.dot_general(weight.a, bx, (((1,), (0,)), ((), ())), **params)
+    return weight.add_delta(dense, delta)
 
 
 @quax.register(lax.gather_p)
@@ -211,7 +224,7 @@ def _gather(table: LoraArray, indices: jax.Array | quax.ArrayValue, *, dimension
     a_rows = lax.gather(table.a, indices, numbers, (1, table.r), **params)
     offset = numbers.offset_dims[0]
     delta = jnp.moveaxis(jnp.moveaxis(a_rows, offset, -1) @ table.b, -1, offset)
-    return rows + (table.scale * delta).astype(rows.dtype)
+    return table.add_delta(rows, delta)
 
 
 @quax.register(lax.transpose_p)
@@ -225,11 +238,10 @@ def _transpose(weight: LoraArray, *, permutation):
 
 @quax.register(lax.convert_element_type_p)
 def _convert(weight: LoraArray, *, new_dtype, **params):
-    """Casting the weight casts all three pieces (bf16 compute with fp32 adapters stays differentiable)."""
-    return eqx.tree_at(
-        lambda l: (l.w, l.a, l.b), weight, (weight.w.astype(new_dtype), weight.a.astype(new_dtype),
-                                            weight.b.astype(new_dtype))
-    )
+    """Casting the weight casts the frozen base only: a model computing in bf16 uses a bf16 base,
+    and the adapters keep their own dtype (fp32 adapters on a bf16 model, as peft's
+    autocast_adapter_dtype keeps them); their output is cast when it is added."""
+    return eqx.tree_at(lambda l: l.w, weight, weight.w.astype(new_dtype))
 
 
 @quax.register(lax.copy_p)

@@ -13,12 +13,14 @@ all of `jax.devices()`, and each host feeds its own slice of the global batch (e
 
 from typing import Any
 
+import equinox as eqx
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax.arrays import LoraArray, is_adapter
 from lorax.errors import LoraError
+from lorax.nf4 import Nf4Array
 
 DATA, FSDP = "data", "fsdp"
 
@@ -41,29 +43,46 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp: int, skip_leading: bool) -> Partiti
     return PartitionSpec(*[FSDP if d == dim else None for d in range(len(shape))])
 
 
+def _flat_spec(shape: tuple[int, ...], fsdp: int) -> PartitionSpec:
+    """Split the last axis: an Nf4Array's bytes and block statistics are flat (one row per layer
+    when stacked), so their last axis is the one to split."""
+    if fsdp == 1 or not shape or shape[-1] % fsdp:
+        return PartitionSpec()
+    return PartitionSpec(*[None] * (len(shape) - 1), FSDP)
+
+
 def param_shardings(params: Any, mesh: Mesh, *, shard_adapters: bool = False) -> Any:
     """NamedShardings for every array of a (LoRA) tree: frozen weights FSDP-sharded, adapters
-    replicated (they are small) unless `shard_adapters`."""
+    replicated (they are small) unless `shard_adapters`. 4-bit bases (`Nf4Array`, QLoRA) are
+    sharded in their packed form: each device holds a slice of the bytes, and XLA gathers them
+    where the weight is used."""
     fsdp = mesh.shape[FSDP]
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def quantized(q: Nf4Array):
+        return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, _flat_spec(x.shape, fsdp)), q)
 
     def for_leaf(leaf):
+        if isinstance(leaf, Nf4Array):
+            return quantized(leaf)
         if isinstance(leaf, LoraArray):
             stacked = leaf.ranks is not None
 
             def spec(name, array):
-                if array is None:
-                    return None
                 if name in ("a", "b") and not shard_adapters:
-                    return NamedSharding(mesh, PartitionSpec())
+                    return replicated
                 if name in ("w", "a", "b"):
                     return NamedSharding(mesh, _fsdp_spec(array.shape, fsdp, stacked))
-                return NamedSharding(mesh, PartitionSpec())
+                return replicated
 
-            return jax.tree_util.tree_map_with_path(lambda path, x: spec(path[0].name, x), leaf)
+            shardings = jax.tree_util.tree_map_with_path(lambda path, x: spec(path[0].name, x), leaf)
+            if isinstance(leaf.w, Nf4Array):
+                shardings = eqx.tree_at(lambda tree: tree.w, shardings, quantized(leaf.w))
+            return shardings
         return jax.tree_util.tree_map(
             lambda x: NamedSharding(mesh, _fsdp_spec(x.shape, fsdp, False) if x.ndim >= 2 else PartitionSpec()), leaf)
 
-    return jax.tree_util.tree_map(for_leaf, params, is_leaf=is_adapter)
+    return jax.tree_util.tree_map(for_leaf, params, is_leaf=lambda x: is_adapter(x) or isinstance(x, Nf4Array))
 
 
 def shard_params(params: Any, mesh: Mesh, *, shard_adapters: bool = False) -> Any:

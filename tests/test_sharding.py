@@ -1,4 +1,5 @@
-"""Sharded training on 8 forced CPU devices equals single-device training (dp=8, fsdp=8, dp=2 x fsdp=4).
+"""Sharded training on 8 forced CPU devices equals single-device training (dp=8, fsdp=8, dp=2 x fsdp=4),
+for LoRA and for QLoRA (4-bit bases sharded in their packed form).
 
 XLA's device count is fixed when jax starts, so the check runs in a fresh interpreter."""
 
@@ -14,5 +15,6 @@ def test_sharded_step_equals_single_device():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == [
-        "data=8 fsdp=1 shard_adapters=False", "data=1 fsdp=8 shard_adapters=False", "data=2 fsdp=4 shard_adapters=True"]
+    meshes = ["data=8 fsdp=1 shard_adapters=False", "data=1 fsdp=8 shard_adapters=False",
+              "data=2 fsdp=4 shard_adapters=True"]
+    assert [line.split(":")[0] for line in lines] == meshes + [f"QLoRA {mesh}" for mesh in meshes]

@@ -1,5 +1,6 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: a LoRA train step on a
-(data, fsdp) mesh equals the same step on one device. Prints one line per mesh."""
+(data, fsdp) mesh equals the same step on one device, and so does a QLoRA step whose NF4 bases
+are sharded in their packed form. Prints one line per mesh."""
 
 import sys
 
@@ -11,6 +12,7 @@ from flax import nnx
 
 import lorax
 from lorax.models import LlamaConfig, LlamaForCausalLM
+from lorax.nf4 import QuantConfig
 from lorax.sharding import batch_sharding, make_mesh, shard_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -35,6 +37,9 @@ def step(trainable, frozen, state, ids):
     return optax.apply_updates(trainable, updates), state, value
 
 
+MESHES = [(8, 1, False), (1, 8, False), (2, 4, True)]
+
+
 def run(params, ids, steps=2):
     trainable, frozen = lorax.partition(params)
     state = opt.init(trainable)
@@ -46,7 +51,7 @@ def run(params, ids, steps=2):
 
 single = jax.devices()[0]
 reference, reference_loss, _ = run(jax.device_put(params, single), jax.device_put(ids, single))
-for data, fsdp, shard_adapters in [(8, 1, False), (1, 8, False), (2, 4, True)]:
+for data, fsdp, shard_adapters in MESHES:
     mesh = make_mesh(data=data, fsdp=fsdp)
     trainable, loss, frozen = run(shard_params(params, mesh, shard_adapters=shard_adapters),
                                   jax.device_put(ids, batch_sharding(mesh)))
@@ -58,4 +63,22 @@ for data, fsdp, shard_adapters in [(8, 1, False), (1, 8, False), (2, 4, True)]:
     assert shards == expected, (shards, expected)
     print(f"data={data} fsdp={fsdp} shard_adapters={shard_adapters}: equal to one device; "
           f"frozen kernel shards {sorted(shards)}")
+
+# QLoRA: the adapted bases are NF4 (double quantization); the packed bytes are what FSDP splits.
+qparams = lorax.lora(base, lorax.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                            init_lora_weights=False), key=jax.random.key(1),
+                     quantize=QuantConfig("nf4", double_quant=True))
+reference, reference_loss, _ = run(jax.device_put(qparams, single), jax.device_put(ids, single))
+for data, fsdp, shard_adapters in MESHES:
+    mesh = make_mesh(data=data, fsdp=fsdp)
+    trainable, loss, frozen = run(shard_params(qparams, mesh, shard_adapters=shard_adapters),
+                                  jax.device_put(ids, batch_sharding(mesh)))
+    np.testing.assert_allclose(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), trainable, reference)
+    packed = frozen["model"]["layers"]["*"]["mlp"]["down_proj"]["kernel"].w.packed
+    shards = {shard.data.shape for shard in packed.addressable_shards}
+    expected = {(2, packed.shape[1] // fsdp)}
+    assert shards == expected, (shards, expected)
+    print(f"QLoRA data={data} fsdp={fsdp} shard_adapters={shard_adapters}: equal to one device; "
+          f"packed 4-bit shards {sorted(shards)}")
 sys.exit(0)

@@ -191,17 +191,26 @@ def _map_adapters(fn, params: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: fn(x) if is_adapter(x) else x, params, is_leaf=is_adapter)
 
 
-def merge(params: Any) -> Any:
+def merge(params: Any, *, requantize: bool = False) -> Any:
     """Fold every adapter into its weight: `w + scale·a@b`; modules_to_save copies replace
     their originals (peft's merge_and_unload). Returns a tree of plain arrays; a 4-bit base
     (QLoRA) is dequantized first, in its dtype.
 
+    Args:
+        params: a LoRA tree.
+        requantize: quantize merged 4-bit bases again, with their own type, blocksize and
+            double quantization, and return them as `Nf4Array`s: what peft's merge does on a
+            bitsandbytes 4-bit model (dequantize, add the delta, quantize). Rounding to 4 bits
+            again loses some of the update; the default keeps the merged weights exact.
+
     Example:
         >>> merged = lorax.merge(params)   # same outputs, no adapter cost at inference
+        >>> small = lorax.merge(qlora_params, requantize=True)   # still 4-bit
     """
     def merged(leaf):
         if isinstance(leaf, LoraArray):
-            return _dense(leaf.w) + leaf.delta()
+            weight = _dense(leaf.w) + leaf.delta()
+            return quantize_like(weight, leaf.w) if requantize and isinstance(leaf.w, Nf4Array) else weight
         return leaf.value
 
     return _map_adapters(merged, params)

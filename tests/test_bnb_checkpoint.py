@@ -120,6 +120,29 @@ def test_qlora_on_loaded_params_matches_peft(quantized, quantization):
     np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_requantizing_merge_equals_peft(quantized, quantization):
+    """merge(requantize=True) is peft's merge_and_unload on a bitsandbytes 4-bit model:
+    dequantize, add the delta, quantize again: the same bytes, the same logits."""
+    _, folder, (graphdef, base) = quantized[quantization]
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **QLORA), key=jax.random.key(1))
+    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(init_lora_weights=False, **QLORA))
+    sync_into_peft(params, peft_model)
+    theirs = peft_model.merge_and_unload()
+    merged = lorax.merge(params, requantize=True)
+    for name in ("q_proj", "v_proj"):
+        kernel = merged["model"]["layers"]["*"]["self_attn"][name]["kernel"]
+        assert isinstance(kernel, lorax.Nf4Array)
+        for i in range(SMALL["num_hidden_layers"]):
+            weight = getattr(theirs.model.layers[i].self_attn, name).weight
+            np.testing.assert_array_equal(np.asarray(layer(kernel, i).packed), weight.data.numpy().reshape(-1))
+            np.testing.assert_array_equal(np.asarray(nf4.dequantize(layer(kernel, i))),
+                                          F.dequantize_4bit(weight.data, weight.quant_state).numpy().T)
+    ids = tokens()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits_of(graphdef, merged, ids), theirs(ids).logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_peft_counts_the_loaded_4bit_base(quantized):
     """Without adapters too: count_parameters of the loaded tree is peft's count of the bnb model
     (a 4-bit weight counts twice its packed bytes)."""

@@ -435,17 +435,44 @@ class Nf4Array(quax.ArrayValue):
         )
 
 
+def _frozen_product(x: jax.Array, weight: "Nf4Array", product) -> jax.Array:
+    """`product(x, dequantize(weight))` for a frozen 4-bit weight, with a backward pass that
+    dequantizes the weight again rather than keeping the dense copy from the forward pass.
+
+    The dense weight is 8 times the 4-bit bytes in fp32; kept as a residual it would live from
+    the forward pass to the backward pass, for every quantized matrix of the model. Here the
+    residual is the quantized weight itself (held anyway), and the backward pass computes the
+    cotangent of x only: the weight is frozen. x is not kept either.
+    """
+    x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    @jax.custom_vjp
+    def frozen_product(x, weight):
+        return product(x, weight.materialise())
+
+    def forward(x, weight):
+        return product(x, weight.materialise()), weight
+
+    def backward(weight, cotangent):
+        dense = weight.materialise()
+        (x_cotangent,) = jax.linear_transpose(lambda x: product(x, dense), x_shape)(cotangent)
+        return x_cotangent, None  # None: no cotangent for the frozen weight
+
+    frozen_product.defvjp(forward, backward)
+    return frozen_product(x, weight)
+
+
 @quax.register(lax.dot_general_p)
 def _dot_general_rhs(x: ArrayLike, weight: Nf4Array, *, dimension_numbers, **params):
     """x·W: W dequantized in its dtype inside the same (jitted) computation, then an ordinary
-    dot_general; no gradient reaches W."""
-    return lax.dot_general(x, weight.materialise(), dimension_numbers, **params)
+    dot_general; no gradient reaches W, and the backward pass dequantizes W again."""
+    return _frozen_product(x, weight, lambda x, w: lax.dot_general(x, w, dimension_numbers, **params))
 
 
 @quax.register(lax.dot_general_p)
 def _dot_general_lhs(weight: Nf4Array, x: ArrayLike, *, dimension_numbers, **params):
     """W·x, the mirror image."""
-    return lax.dot_general(weight.materialise(), x, dimension_numbers, **params)
+    return _frozen_product(x, weight, lambda x, w: lax.dot_general(w, x, dimension_numbers, **params))
 
 
 @quax.register(lax.convert_element_type_p)

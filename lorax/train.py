@@ -9,6 +9,7 @@ JSONL logs, a loss-curve PNG and resumable orbax checkpoints.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -20,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from tqdm.auto import tqdm
 
-from lorax.apply import apply
+from lorax.apply import ModelDef, apply
 from lorax.errors import LoraError
 from lorax.transform import combine, trainable_mask
 
@@ -73,16 +75,68 @@ def default_tx(learning_rate: float, total_steps: int, *, warmup_steps: int | No
     return optax.MultiSteps(tx, accumulation_steps) if accumulation_steps > 1 else tx
 
 
-def causal_lm_loss(logits: jax.Array, batch: dict) -> jax.Array:
-    """Mean next-token cross-entropy (fp32). Tokens whose label is -100, or whose
-    attention_mask is 0, do not count. Labels default to input_ids (shifted here)."""
+def _next_tokens(batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(labels, weights), both (batch, seq - 1): the token each position predicts (0 where it
+    does not count) and whether it counts (label not -100, attention_mask not 0)."""
     labels = batch.get("labels", batch["input_ids"])[:, 1:]
     weights = labels != IGNORE_INDEX
     if "attention_mask" in batch:
         weights &= batch["attention_mask"][:, 1:].astype(bool)
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), jnp.where(weights, labels, 0))
+    return jnp.where(weights, labels, 0), weights
+
+
+def causal_lm_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    """Mean next-token cross-entropy (fp32). Tokens whose label is -100, or whose
+    attention_mask is 0, do not count. Labels default to input_ids (shifted here)."""
+    labels, weights = _next_tokens(batch)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), labels)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1)
+
+
+def chunked_causal_lm_loss(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], batch: dict,
+                           chunk_size: int) -> jax.Array:
+    """`causal_lm_loss(logits_fn(hidden), batch)`, without ever holding the whole logits.
+
+    The output head and the cross-entropy run `chunk_size` positions at a time (a `lax.scan`),
+    each chunk under `jax.checkpoint`: the forward pass keeps one chunk's logits, and the
+    backward pass recomputes each chunk's logits before taking their gradient. The full
+    (batch, seq, vocab) logits and their gradient (with a 32,000-token vocabulary in fp32,
+    2 x 128 KB per position) are never materialised; the price is a second pass of the head.
+
+    Args:
+        hidden: (batch, seq, hidden) final hidden states.
+        logits_fn: the output head, (batch, n, hidden) -> (batch, n, vocab).
+        batch: input_ids, and optionally labels and attention_mask, as for `causal_lm_loss`.
+        chunk_size: positions per chunk; seq - 1 is padded up to a multiple (padding does not count).
+
+    Returns:
+        The same scalar as `causal_lm_loss` (up to the order of the fp32 sum).
+
+    Example:
+        >>> h = model.hidden_states(ids)                                            # doctest: +SKIP
+        >>> loss = chunked_causal_lm_loss(h, model.logits, {"input_ids": ids}, 64)  # doctest: +SKIP
+    """
+    labels, weights = _next_tokens(batch)
+    batch_size, positions = labels.shape
+    chunks = -(-positions // chunk_size)
+    pad = chunks * chunk_size - positions
+
+    def split(x):  # (batch, positions, ...) -> (chunks, batch, chunk_size, ...)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch_size, chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    # prevent_cse=False: inside a scan the recomputation cannot be merged with the forward pass.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_loss(hidden, labels, weights):
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits_fn(hidden).astype(jnp.float32), labels)
+        return jnp.sum(losses * weights)
+
+    def add_chunk(total, chunk):
+        return total + chunk_loss(*chunk), None
+
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32),
+                            (split(hidden[:, :-1]), split(labels), split(weights)))
+    return total / jnp.maximum(jnp.sum(weights), 1)
 
 
 def classification_loss(logits: jax.Array, batch: dict) -> jax.Array:
@@ -111,7 +165,7 @@ class TrainState:
 
 
 def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_fn: Callable, *,
-                    remat: bool = False) -> Callable:
+                    remat: bool = False, loss_chunk_size: int | None = None) -> Callable:
     """A jitted `step(state, batch) -> (state, metrics)`.
 
     Args:
@@ -119,20 +173,37 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
         frozen: the frozen half of `lorax.partition(params)`; closed over, never differentiated.
         tx: the optax transformation (e.g. `lorax.optimizer(default_tx(...), params)`).
         loss_fn: `loss_fn(logits, batch) -> scalar`, e.g. `causal_lm_loss`.
-        remat: recompute the forward pass in the backward pass (less memory, more compute).
+        remat: gradient checkpointing, for an NNX model whose layers support it (a `remat`
+            attribute: `lorax.models.LlamaForCausalLM`). The backward pass keeps each decoder
+            layer's input and recomputes the rest of the layer, one layer at a time: activation
+            memory drops from every intermediate of every layer to one (batch, seq, hidden)
+            array per layer, for about one more forward pass of compute.
+        loss_chunk_size: with `loss_fn=causal_lm_loss` and a model that has `hidden_states` and
+            `logits` methods (`LlamaForCausalLM`): compute the output head and the loss this many
+            positions at a time (`chunked_causal_lm_loss`), so the (batch, seq, vocab) logits and
+            their gradient never exist whole. Same loss and gradients, one more pass of the head.
 
     The state is donated: its buffers are reused for the new state. The frozen half is passed
     to the compiled step as an argument on every call (never baked into the program).
     lora_dropout draws its randomness from `fold_in(state.rng, state.step)`, so a resumed run
     repeats it exactly.
+
+    Example:
+        >>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=True, loss_chunk_size=64)  # doctest: +SKIP
     """
+    if loss_chunk_size is not None and loss_fn is not causal_lm_loss:
+        raise LoraError(f"loss_chunk_size={loss_chunk_size} chunks causal_lm_loss only (got loss_fn={loss_fn!r}); "
+                        "leave loss_chunk_size=None for other losses")
+    module_loss = None
+    if remat or loss_chunk_size is not None:
+        module_loss = functools.partial(_module_loss, _model_def(model, remat, loss_chunk_size), loss_fn, remat,
+                                        loss_chunk_size)
 
     def loss(trainable, frozen, batch, key):
-        logits = apply(model, combine(trainable, frozen), dropout_key=key, **model_inputs(batch))
-        return loss_fn(logits, batch)
-
-    if remat:
-        loss = jax.checkpoint(loss)
+        params = combine(trainable, frozen)
+        if module_loss is not None:
+            return apply(module_loss, params, batch, dropout_key=key)
+        return loss_fn(apply(model, params, dropout_key=key, **model_inputs(batch)), batch)
 
     def step(state: TrainState, frozen: Any, batch: dict):
         key = jax.random.fold_in(state.rng, state.step)
@@ -151,6 +222,38 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
 
     train_step.jitted = jitted  # e.g. train_step.jitted.lower(state, frozen, batch) for cost analysis
     return train_step
+
+
+def _model_def(model, remat: bool, loss_chunk_size: int | None) -> ModelDef:
+    if isinstance(model, nnx.GraphDef):
+        return ModelDef(model)
+    if not isinstance(model, ModelDef):
+        raise LoraError(f"make_train_step(remat={remat}, loss_chunk_size={loss_chunk_size}) needs an NNX model "
+                        "from lorax.split (e.g. lorax.models.LlamaForCausalLM), not a plain function; for a plain "
+                        "function, wrap its layer body in jax.checkpoint yourself and leave both options off")
+    return model
+
+
+def _module_loss(model: ModelDef, loss_fn: Callable, remat: bool, loss_chunk_size: int | None, params: Any,
+                 batch: dict) -> jax.Array:
+    """The loss of `batch`, run by `apply` (LoRA and NF4 leaves are implicit arrays in here)."""
+    module = model.module(params)
+    if remat:
+        # The NNX idiom of `set_attributes(deterministic=True)`: the model's layer scan checkpoints.
+        try:
+            module.set_attributes(remat=True)
+        except ValueError as error:
+            raise LoraError(f"make_train_step(remat=True): {type(module).__name__} has no module with a `remat` "
+                            "attribute (models that have one: lorax.models.LlamaForCausalLM, LlamaModel); "
+                            "use remat=False") from error
+    inputs = model_inputs(batch)
+    if loss_chunk_size is None:
+        return loss_fn(module(**inputs), batch)
+    if not (hasattr(module, "hidden_states") and hasattr(module, "logits")):
+        raise LoraError(f"make_train_step(loss_chunk_size={loss_chunk_size}): {type(module).__name__} has no "
+                        "`hidden_states` and `logits` methods (models that have them: "
+                        "lorax.models.LlamaForCausalLM); use loss_chunk_size=None")
+    return chunked_causal_lm_loss(module.hidden_states(**inputs), module.logits, batch, loss_chunk_size)
 
 
 def make_eval_step(model, frozen: Any, loss_fn: Callable) -> Callable:

@@ -213,6 +213,46 @@ def test_qlora_product_and_gradients(config):
         assert leaf.dtype == jax.dtypes.float0 or not np.any(np.asarray(leaf))
 
 
+@pytest.mark.parametrize("side", ["x @ w", "w.T @ x"])
+def test_backward_pass_dequantizes_again_instead_of_keeping_the_dense_weight(side):
+    """The vjp of a product with an NF4 weight keeps the 4-bit weight, not its dense copy (8x
+    the bytes in fp32), and gives the gradient that dequantize-then-multiply gives."""
+    q = nf4.QuantConfig(double_quant=True).quantize_kernel(jax.random.normal(jax.random.key(0), (256, 128)))
+    if side == "x @ w":
+        x = jax.random.normal(jax.random.key(1), (4, 256))
+        ours, reference = (lambda x: quax.quaxify(lambda x, w: x @ w)(x, q)), (lambda x: x @ nf4.dequantize(q))
+    else:
+        x = jax.random.normal(jax.random.key(1), (256, 4))
+        ours, reference = (lambda x: quax.quaxify(lambda w, x: w.T @ x)(q, x)), (lambda x: nf4.dequantize(q).T @ x)
+    out, vjp_ours = jax.vjp(ours, x)
+    want, vjp_reference = jax.vjp(reference, x)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    cotangent = jax.random.normal(jax.random.key(2), out.shape)
+    np.testing.assert_allclose(vjp_ours(cotangent)[0], vjp_reference(cotangent)[0], rtol=1e-6, atol=1e-5)
+    # What each vjp keeps for the backward pass: its residuals are the leaves of the returned function.
+    dense_bytes = 256 * 128 * 4
+    assert sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_reference)) >= dense_bytes
+    assert sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_ours)) <= q.stored_bytes()
+
+
+def test_jitted_qlora_gradients_through_the_recomputing_rule():
+    """Through a LoraArray whose base is NF4, under jit: the a, b and x gradients of
+    dequantize-then-multiply."""
+    weight = random_qlora(jax.random.key(0), 512, 256, 4, 0.5, nf4.QuantConfig(double_quant=True))
+    x = jax.random.normal(jax.random.key(1), (8, 512))
+
+    def loss(x, a, b):
+        return jnp.sum(jnp.tanh(quax.quaxify(lambda x, w: x @ w)(x, LoraArray(weight.w, a, b, scale=weight.scale))))
+
+    def reference(x, a, b):
+        # Factored like the LoraArray rule, so that both round alike.
+        return jnp.sum(jnp.tanh(x @ nf4.dequantize(weight.w) + weight.scale * (x @ a) @ b))
+
+    ours, want = (jax.jit(jax.grad(f, argnums=(0, 1, 2))) for f in (loss, reference))
+    for got, expected in zip(ours(x, weight.a, weight.b), want(x, weight.a, weight.b)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_stacked_qlora_under_scan_and_merge():
     """Layers stacked on a leading axis are quantized one by one and sliced by lax.scan."""
     layers, d, r = 3, 64, 2

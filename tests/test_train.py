@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import lorax
@@ -127,3 +128,104 @@ def test_importing_lorax_imports_no_torch():
     code = "import sys, lorax, interop; print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# A small Llama whose every decoder linear is trainable LoRA over an NF4 base or frozen NF4 (QLoRA as
+# bitsandbytes loads it): remat and chunked loss must go through both rules.
+LLAMA = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def qlora_llama():
+    from lorax.models import LlamaConfig, LlamaForCausalLM
+    from lorax.nf4 import QuantConfig
+    from lorax.targets import dotted
+
+    quant = QuantConfig(blocksize=32, double_quant=True)
+    graphdef, base = lorax.split(LlamaForCausalLM(LlamaConfig(**LLAMA), rngs=nnx.Rngs(0)))
+    config = lorax.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    params = lorax.lora(base, config, key=jax.random.key(1), quantize=quant)
+
+    def quantize(keypath, leaf):
+        frozen_linear = dotted(keypath).startswith("model.layers.") and dotted(keypath).endswith(".kernel")
+        return quant.quantize_kernel(leaf) if frozen_linear and not isinstance(leaf, lorax.LoraArray) else leaf
+
+    params = jax.tree_util.tree_map_with_path(quantize, params, is_leaf=lambda x: isinstance(x, lorax.LoraArray))
+    ids = jax.random.randint(jax.random.key(2), (2, 11), 0, LLAMA["vocab_size"])
+    # Padding and ignored labels, so that the chunked loss must weight its chunks as the plain one does.
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids).at[1, 8:].set(0),
+             "labels": ids.at[0, 3].set(-100)}
+    return graphdef, params, batch
+
+
+def test_remat_and_chunked_loss_give_the_plain_step():
+    """remat (checkpointed layer scan) and loss_chunk_size (head + loss a few positions at a time)
+    change memory, not the step: same loss, same gradients (SGD with rate 1 writes them out)."""
+    from lorax.train import TrainState, causal_lm_loss, make_train_step
+
+    graphdef, params, batch = qlora_llama()
+    trainable, frozen = lorax.partition(params)
+    tx = lorax.optimizer(optax.sgd(1.0), params)
+    results = {}
+    for remat, chunk in ((False, None), (True, None), (True, 3)):
+        step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=remat, loss_chunk_size=chunk)
+        state = TrainState.create(jax.tree_util.tree_map(jnp.copy, trainable), tx, jax.random.key(0))
+        new_state, metrics = step(state, batch)
+        results[remat, chunk] = (metrics, jax.tree_util.tree_map(jnp.subtract, trainable, new_state.trainable))
+    (want_metrics, want_grads) = results.pop((False, None))
+    assert float(want_metrics["grad_norm"]) > 0
+    for (metrics, grads) in results.values():
+        np.testing.assert_allclose(metrics["loss"], want_metrics["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], want_metrics["grad_norm"], rtol=1e-4)
+        for got, want in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_keeps_less_for_the_backward_pass():
+    """The compiled remat step needs fewer temporary bytes than the plain one (same model and batch)."""
+    from lorax.train import TrainState, causal_lm_loss, make_train_step
+
+    graphdef, params, batch = qlora_llama()
+    batch = {"input_ids": jnp.zeros((2, 64), jnp.int32)}
+    trainable, frozen = lorax.partition(params)
+    tx = lorax.optimizer(optax.adamw(1e-3), params)
+    state = TrainState.create(trainable, tx, jax.random.key(0))
+    temp = {}
+    for remat in (False, True):
+        step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=remat)
+        temp[remat] = step.jitted.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
+    assert temp[True] < 0.7 * temp[False]
+
+
+def test_chunked_causal_lm_loss_equals_causal_lm_loss():
+    from lorax.train import causal_lm_loss, chunked_causal_lm_loss
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (2, 9, 8))
+    head = jax.random.normal(keys[1], (8, 30))
+    ids = jax.random.randint(keys[2], (2, 9), 0, 30)
+    batch = {"input_ids": ids, "labels": ids.at[1, 2].set(-100), "attention_mask": jnp.ones_like(ids).at[0, 7:].set(0)}
+    want = jax.value_and_grad(lambda h, w: causal_lm_loss(h @ w, batch), argnums=(0, 1))(hidden, head)
+    for chunk_size in (1, 3, 20):
+        got = jax.jit(jax.value_and_grad(lambda h, w: chunked_causal_lm_loss(h, lambda x: x @ w, batch, chunk_size),
+                                         argnums=(0, 1)))(hidden, head)
+        for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_remat_and_chunking_need_a_model_that_supports_them():
+    from lorax.train import causal_lm_loss, classification_loss, make_train_step
+
+    graphdef, base, params, x, y = setup()
+    _, frozen = lorax.partition(params)
+    tx = lorax.optimizer(optax.sgd(0.1), params)
+    with pytest.raises(lorax.LoraError, match="causal_lm_loss only"):
+        make_train_step(graphdef, frozen, tx, classification_loss, loss_chunk_size=8)
+    with pytest.raises(lorax.LoraError, match="not a plain function"):
+        make_train_step(lambda p, **inputs: inputs, frozen, tx, causal_lm_loss, remat=True)
+    from lorax.train import TrainState
+
+    step = make_train_step(graphdef, frozen, tx, classification_loss, remat=True)
+    trainable, _ = lorax.partition(params)
+    with pytest.raises(lorax.LoraError, match="no module with a `remat` attribute"):
+        step(TrainState.create(trainable, tx, jax.random.key(0)), {"input_ids": x, "labels": y})

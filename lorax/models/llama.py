@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import lorax.remat  # noqa: F401  (the rule that lets nnx.remat run on LoRA and NF4 weights)
 from lorax.models.layers import STACK, RMSNorm, attention, cached_mask, causal_mask, linear, stacked
 
 
@@ -151,6 +152,10 @@ class LlamaModel(nnx.Module):
                                       param_dtype=config.param_dtype, rngs=rngs)
         self.layers = stacked(lambda r: LlamaDecoderLayer(config, rngs=r), config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        # Gradient checkpointing of the decoder layers (`model.set_attributes(remat=True)`, or
+        # `make_train_step(..., remat=True)`): the backward pass keeps each layer's input and
+        # recomputes the rest of the layer, layer by layer, instead of keeping every activation.
+        self.remat = False
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         """Hidden states (b, s, hidden). With a KV cache (`init_cache`), the tokens are written at
@@ -168,10 +173,14 @@ class LlamaModel(nnx.Module):
             mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
         h = self.embed_tokens(input_ids)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
-        def run_layers(h, layer, cos, sin, mask, layer_cache, cache_index):
+        def run_layer(h, layer, cos, sin, mask, layer_cache, cache_index):
             return layer(h, cos, sin, mask, layer_cache, cache_index)
 
+        if self.remat:
+            # Inside the scanned body, so that the backward scan recomputes one layer at a time;
+            # a checkpoint around the whole scan would recompute all layers' activations at once.
+            run_layer = nnx.remat(run_layer, prevent_cse=False)
+        run_layers = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
         h, cache = run_layers(h, self.layers[STACK], cos, sin, mask, cache, cache_index)
         h = self.norm(h)
         return h if cache is None else (h, cache)
@@ -184,7 +193,11 @@ class LlamaModel(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    """Causal LM: `model(input_ids, attention_mask=None, position_ids=None) -> logits` (b, s, vocab)."""
+    """Causal LM: `model(input_ids, attention_mask=None, position_ids=None) -> logits` (b, s, vocab).
+
+    The call is `logits(hidden_states(...))`; the two halves are methods so that a loss can run
+    the output head a few positions at a time (`lorax.train.chunked_causal_lm_loss`).
+    """
 
     output_head = "lm_head"
 
@@ -197,11 +210,18 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         out = self.model(input_ids, attention_mask, position_ids, cache, cache_index)
         h, cache = (out, None) if cache is None else out
-        if self.config.tie_word_embeddings:
-            logits = h @ self.model.embed_tokens.embedding.get_value().T.astype(h.dtype)
-        else:
-            logits = self.lm_head(h)
+        logits = self.logits(h)
         return logits if cache is None else (logits, cache)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """The final (normed) hidden states (b, s, hidden) that the output head reads."""
+        return self.model(input_ids, attention_mask, position_ids)
+
+    def logits(self, h):
+        """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings."""
+        if self.config.tie_word_embeddings:
+            return h @ self.model.embed_tokens.embedding.get_value().T.astype(h.dtype)
+        return self.lm_head(h)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         return self.model.init_cache(batch, max_length, dtype)

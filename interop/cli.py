@@ -29,11 +29,11 @@ def _config(args):
                             target_modules=_targets(args.target_modules), task_type=args.task_type)
 
 
-def _load(model_dir: str):
+def _load(model_dir: str, dtype: str = "float32"):
     import interop
     import lorax
 
-    model = interop.from_pretrained(model_dir)
+    model = interop.from_pretrained(model_dir, dtype=dtype)
     graphdef, params = lorax.split(model)
     return model, graphdef, params
 
@@ -94,10 +94,12 @@ def finetune(args) -> None:
     import lorax
     from lorax.train import Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_train_step
 
-    model, graphdef, base = _load(args.model)
+    model, graphdef, base = _load(args.model, args.dtype)
     data = _dataset(args.data, args.model, args.max_length)
     config = _config(args)
-    params = lorax.lora(base, config, key=jax.random.key(args.seed), output_head=getattr(model, "output_head", None))
+    quantize = lorax.QuantConfig(args.quantize, double_quant=True) if args.quantize else None
+    params = lorax.lora(base, config, key=jax.random.key(args.seed), output_head=getattr(model, "output_head", None),
+                        quantize=quantize)
     lorax.print_trainable_parameters(params)
     trainable, frozen = lorax.partition(params)
     tx = lorax.optimizer(default_tx(args.lr, args.steps, accumulation_steps=args.accumulation_steps), params)
@@ -107,7 +109,7 @@ def finetune(args) -> None:
     if args.resume:
         state = checkpoints.restore(state)
         print(f"resuming from step {int(state.step)}")
-    state = fit(make_train_step(graphdef, frozen, tx, causal_lm_loss), state, data, steps=args.steps,
+    state = fit(make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=args.remat), state, data, steps=args.steps,
                 batch_size=min(args.batch_size, len(data["input_ids"])), seed=args.seed, log_dir=out / "logs",
                 checkpoints=checkpoints, save_every=args.save_every)
     interop.save_adapter(out / "adapter", lorax.combine(state.trainable, frozen), config,
@@ -156,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the base model's dtype and compute dtype; adapters and optimizer state stay float32 "
+                        "(default float32)")
+    p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
+                   help="QLoRA: store the adapted base weights in 4 bits (double quantization, blocksize 64)")
+    p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
     p.set_defaults(run=finetune)
 
     p = commands.add_parser("merge", help="merge a peft adapter into its base and write a transformers checkpoint")

@@ -229,3 +229,37 @@ def test_remat_and_chunking_need_a_model_that_supports_them():
     trainable, _ = lorax.partition(params)
     with pytest.raises(lorax.LoraError, match="no module with a `remat` attribute"):
         step(TrainState.create(trainable, tx, jax.random.key(0)), {"input_ids": x, "labels": y})
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "bert"])
+def test_remat_in_gpt2_and_bert(architecture):
+    """GPT-2 blocks and BERT layers checkpoint too (with lora_dropout on, so the recomputed
+    forward must draw the same dropout masks): the same loss and gradients as without remat."""
+    from lorax.models import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel
+    from lorax.train import TrainState, causal_lm_loss, classification_loss, make_train_step
+
+    ids = jax.random.randint(jax.random.key(2), (2, 9), 0, 40)
+    if architecture == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=4),
+                                rngs=nnx.Rngs(0))
+        targets, loss_fn, batch = ["c_attn"], causal_lm_loss, {"input_ids": ids}
+    else:
+        encoder = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=32), rngs=nnx.Rngs(0))
+        model = BertForSequenceClassification.from_encoder(encoder, num_labels=2, rngs=nnx.Rngs(1))
+        targets, loss_fn, batch = ["query", "value"], classification_loss, {"input_ids": ids, "labels": ids[:, 0] % 2}
+    graphdef, base = lorax.split(model)
+    params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules=targets, lora_dropout=0.1, init_lora_weights=False),
+                        key=jax.random.key(1))
+    trainable, frozen = lorax.partition(params)
+    tx = lorax.optimizer(optax.sgd(1.0), params)
+    results = []
+    for remat in (False, True):
+        step = make_train_step(graphdef, frozen, tx, loss_fn, remat=remat)
+        new_state, metrics = step(TrainState.create(jax.tree_util.tree_map(jnp.copy, trainable), tx,
+                                                    jax.random.key(0)), batch)
+        results.append((metrics["loss"], jax.tree_util.tree_map(jnp.subtract, trainable, new_state.trainable)))
+    (loss, grads), (remat_loss, remat_grads) = results
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-5)
+    for got, want in zip(jax.tree_util.tree_leaves(remat_grads), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import STACK, LayerNorm, activation, attention, linear, padding_mask, stacked
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, linear, padding_mask, scan_layers,
+                                  stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +146,14 @@ class BertLayer(nnx.Module):
 class BertEncoder(nnx.Module):
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.layer = stacked(lambda r: BertLayer(config, rngs=r), config.num_hidden_layers, rngs)
+        self.remat = False  # gradient checkpointing of the layers (see layers.scan_layers)
 
     def __call__(self, h, mask):
-        @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
-        def run_layers(h, layer, mask):
+        def run_layer(h, layer, mask):
             return layer(h, mask)
 
-        return run_layers(h, self.layer[STACK], mask)
+        return scan_layers(run_layer, remat=self.remat, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)(
+            h, self.layer[STACK], mask)
 
 
 class BertPooler(nnx.Module):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import STACK, LayerNorm, activation, attention, cached_mask, causal_mask, linear, stacked
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, linear, scan_layers,
+                                  stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +114,7 @@ class GPT2Model(nnx.Module):
         self.wpe = nnx.Embed(config.n_positions, config.n_embd, **embed)
         self.h = stacked(lambda r: GPT2Block(config, rngs=r), config.n_layer, rngs)
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, config)
+        self.remat = False  # gradient checkpointing of the blocks (see layers.scan_layers)
 
     def attention_scales(self) -> jax.Array:
         """(n_layer,) the factor on q·k in each layer: 1/√head_dim, and 1/(layer + 1) when configured."""
@@ -136,9 +138,11 @@ class GPT2Model(nnx.Module):
             mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
         h = self.wte(input_ids) + self.wpe(position_ids)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0, None, 0, 0, None), out_axes=(nnx.Carry, 0))
-        def run_blocks(h, block, mask, scale, block_cache, cache_index):
+        def run_block(h, block, mask, scale, block_cache, cache_index):
             return block(h, mask, scale, block_cache, cache_index)
+
+        run_blocks = scan_layers(run_block, remat=self.remat, in_axes=(nnx.Carry, 0, None, 0, 0, None),
+                                 out_axes=(nnx.Carry, 0))
 
         h, cache = run_blocks(h, self.h[STACK], mask, self.attention_scales(), cache, cache_index)
         h = self.ln_f(h)

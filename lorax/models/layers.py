@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import lorax.remat  # noqa: F401  (the rule that lets nnx.remat run on LoRA and NF4 weights)
 from lorax.targets import STACK
 
 
@@ -53,6 +54,15 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
         return make_layer(rngs)
 
     return nnx.Dict({STACK: make(rngs)})
+
+
+def scan_layers(body: Callable, *, remat: bool, in_axes, out_axes) -> Callable:
+    """`nnx.scan(body)` over stacked layers. With `remat`, the body is checkpointed inside the
+    scan, so the backward pass keeps each layer's input and recomputes that layer alone (a
+    checkpoint around the whole scan would recompute every layer's activations at once)."""
+    if remat:
+        body = nnx.remat(body, prevent_cse=False)
+    return nnx.scan(body, in_axes=in_axes, out_axes=out_axes)
 
 
 class RMSNorm(nnx.Module):

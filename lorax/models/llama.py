@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import lorax.remat  # noqa: F401  (the rule that lets nnx.remat run on LoRA and NF4 weights)
-from lorax.models.layers import STACK, RMSNorm, attention, cached_mask, causal_mask, linear, stacked
+from lorax.models.layers import STACK, RMSNorm, attention, cached_mask, causal_mask, linear, scan_layers, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,11 +175,8 @@ class LlamaModel(nnx.Module):
         def run_layer(h, layer, cos, sin, mask, layer_cache, cache_index):
             return layer(h, cos, sin, mask, layer_cache, cache_index)
 
-        if self.remat:
-            # Inside the scanned body, so that the backward scan recomputes one layer at a time;
-            # a checkpoint around the whole scan would recompute all layers' activations at once.
-            run_layer = nnx.remat(run_layer, prevent_cse=False)
-        run_layers = nnx.scan(run_layer, in_axes=(nnx.Carry, 0, None, None, None, 0, None), out_axes=(nnx.Carry, 0))
+        run_layers = scan_layers(run_layer, remat=self.remat, in_axes=(nnx.Carry, 0, None, None, None, 0, None),
+                                 out_axes=(nnx.Carry, 0))
         h, cache = run_layers(h, self.layers[STACK], cos, sin, mask, cache, cache_index)
         h = self.norm(h)
         return h if cache is None else (h, cache)

@@ -64,15 +64,29 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
 def default_tx(learning_rate: float, total_steps: int, *, warmup_steps: int | None = None, weight_decay: float = 0.0,
                clip_norm: float | None = 1.0, accumulation_steps: int = 1) -> optax.GradientTransformation:
     """AdamW with linear warmup then cosine decay, global-norm clipping, and optional gradient
-    accumulation (optax.MultiSteps: one update every `accumulation_steps` calls)."""
+    accumulation (optax.MultiSteps: one update every `accumulation_steps` calls). The learning
+    rate is kept in the optimizer state (optax.inject_hyperparams), so the train step reports
+    the rate of each update and `fit` shows and logs it."""
     warmup = warmup_steps if warmup_steps is not None else max(1, total_steps // 10)
     # Warmup starts at lr/warmup, not 0: a first update with learning rate 0 would be wasted.
     schedule = optax.warmup_cosine_decay_schedule(learning_rate / max(warmup, 1), learning_rate, warmup,
                                                   max(total_steps, warmup + 1))
-    tx = optax.adamw(schedule, weight_decay=weight_decay)
+    tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=weight_decay)
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
     return optax.MultiSteps(tx, accumulation_steps) if accumulation_steps > 1 else tx
+
+
+def learning_rate_of(opt_state: Any) -> jax.Array | None:
+    """The learning rate of the latest update, when the optimizer keeps it in its state
+    (`optax.inject_hyperparams`, as `default_tx` does); None otherwise.
+
+    >>> tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+    >>> float(learning_rate_of(tx.init({"w": jnp.zeros(2)})))
+    0.5
+    """
+    return optax.tree_utils.tree_get(opt_state, "learning_rate",
+                                     filtering=lambda path, value: isinstance(value, jax.Array))
 
 
 def _next_tokens(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -161,6 +175,9 @@ class TrainState:
 
     @classmethod
     def create(cls, trainable: Any, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+        """A fresh state. The train step donates its state (its buffers become the new state's),
+        so `trainable` and `rng` are copied here: the caller's params and key stay usable."""
+        trainable, rng = jax.tree_util.tree_map(jnp.copy, (trainable, rng))
         return cls(trainable, tx.init(trainable), jnp.zeros((), jnp.int32), rng)
 
 
@@ -211,6 +228,9 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": value, "grad_norm": optax.global_norm(grads)}
+        rate = learning_rate_of(opt_state)
+        if rate is not None:
+            metrics["learning_rate"] = rate
         return TrainState(trainable, opt_state, state.step + 1, state.rng), metrics
 
     # `frozen` is an argument of the compiled step, never a closed-over constant: jit would
@@ -340,7 +360,8 @@ def fit(step_fn: Callable, state: TrainState, data: dict, *, steps: int, batch_s
         eval_fn: `eval_fn(state) -> dict of metrics`, called every `eval_every` steps and at the end.
         log_dir: where `log.jsonl` (one line per step) and `curves.png` go.
         checkpoints, save_every: save every `save_every` steps and at the end.
-        learning_rate: the schedule, to log and plot the learning rate.
+        learning_rate: the schedule, to log and plot the learning rate (by default, the rate the
+            step reports: see `learning_rate_of`).
     """
     log = None
     if log_dir is not None:
@@ -361,6 +382,8 @@ def fit(step_fn: Callable, state: TrainState, data: dict, *, steps: int, batch_s
                       "tokens_per_s": tokens / (time.perf_counter() - began)}
             if learning_rate is not None:
                 record["learning_rate"] = float(learning_rate(step))
+            elif "learning_rate" in metrics:
+                record["learning_rate"] = float(metrics["learning_rate"])
             if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
                 record.update({f"eval_{k}": float(v) for k, v in eval_fn(state).items()})
             bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "learning_rate", "tokens_per_s")},

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import torch
 import transformers
 
@@ -107,10 +108,26 @@ def test_fit_logs_evaluates_and_plots(tmp_path):
     evaluate = make_eval_step(graphdef, frozen, causal_lm_loss)
     eval_fn = lambda s: {"loss": evaluate(s.trainable, {k: v[:8] for k, v in data.items()})[0]}  # noqa: E731
     final = fit(step, state, data, steps=8, batch_size=8, eval_fn=eval_fn, eval_every=4, log_dir=tmp_path / "logs",
-                learning_rate=lambda s: 1e-2, progress=False)
+                progress=False)
     records = [json.loads(line) for line in (tmp_path / "logs" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
+    # The rate each update used, read from the optimizer state: default_tx's warmup + cosine.
+    schedule = optax.warmup_cosine_decay_schedule(1e-2 / 2, 1e-2, 2, 8)
+    np.testing.assert_allclose([r["learning_rate"] for r in records], [schedule(i) for i in range(8)], rtol=1e-6)
     assert "eval_loss" in records[3] and "eval_loss" in records[7]
     assert records[-1]["loss"] < records[0]["loss"]
     assert (tmp_path / "logs" / "curves.png").stat().st_size > 1000
     assert int(final.step) == 8
+
+
+def test_train_state_leaves_the_callers_params_alone(tmp_path):
+    """The step donates its state; TrainState.create copies, so params and key stay usable."""
+    _, graphdef, base = tiny_llama(tmp_path)
+    params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules=["q_proj"]), key=jax.random.key(0))
+    trainable, frozen = lorax.partition(params)
+    tx = lorax.optimizer(default_tx(1e-2, 2), params)
+    key = jax.random.key(1)
+    state = TrainState.create(trainable, tx, key)
+    make_train_step(graphdef, frozen, tx, causal_lm_loss)(state, {"input_ids": jnp.asarray(dataset()["input_ids"][:2])})
+    lorax.merge(params)  # would raise "Array has been deleted" had the step consumed the caller's arrays
+    jax.random.split(key)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import (STACK, LayerNorm, activation, attention, linear, padding_mask, scan_layers,
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, linear, padding_mask, run_stacked,
                                   stacked)
 
 
@@ -149,11 +149,7 @@ class BertEncoder(nnx.Module):
         self.remat = False  # gradient checkpointing of the layers (see layers.scan_layers)
 
     def __call__(self, h, mask):
-        def run_layer(h, layer, mask):
-            return layer(h, mask)
-
-        return scan_layers(run_layer, remat=self.remat, in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)(
-            h, self.layer[STACK], mask)
+        return run_stacked(self.layer[STACK], h, mask, remat=self.remat, in_axes=(None,))
 
 
 class BertPooler(nnx.Module):

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, linear, scan_layers,
-                                  stacked)
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, empty_cache,
+                                  linear, run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,21 +138,15 @@ class GPT2Model(nnx.Module):
             mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
         h = self.wte(input_ids) + self.wpe(position_ids)
 
-        def run_block(h, block, mask, scale, block_cache, cache_index):
-            return block(h, mask, scale, block_cache, cache_index)
-
-        run_blocks = scan_layers(run_block, remat=self.remat, in_axes=(nnx.Carry, 0, None, 0, 0, None),
-                                 out_axes=(nnx.Carry, 0))
-
-        h, cache = run_blocks(h, self.h[STACK], mask, self.attention_scales(), cache, cache_index)
+        h, cache = run_stacked(self.h[STACK], h, mask, self.attention_scales(), cache, cache_index, remat=self.remat,
+                               in_axes=(None, 0, 0, None), out_axes=(nnx.Carry, 0))
         h = self.ln_f(h)
         return h if cache is None else (h, cache)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         """An empty KV cache: (keys, values), each (n_layer, batch, max_length, n_head, head_dim)."""
         c = self.config
-        shape = (c.n_layer, batch, max_length, c.n_head, c.head_size)
-        return jnp.zeros(shape, dtype or c.dtype), jnp.zeros(shape, dtype or c.dtype)
+        return empty_cache(c.n_layer, batch, max_length, c.n_head, c.head_size, dtype or c.dtype)
 
 
 class GPT2LMHeadModel(nnx.Module):

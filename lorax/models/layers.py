@@ -56,13 +56,25 @@ def stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.
     return nnx.Dict({STACK: make(rngs)})
 
 
-def scan_layers(body: Callable, *, remat: bool, in_axes, out_axes) -> Callable:
-    """`nnx.scan(body)` over stacked layers. With `remat`, the body is checkpointed inside the
-    scan, so the backward pass keeps each layer's input and recomputes that layer alone (a
-    checkpoint around the whole scan would recompute every layer's activations at once)."""
+def run_stacked(stack: nnx.Module, h: jax.Array, *args, remat: bool, in_axes: tuple, out_axes=nnx.Carry):
+    """`h` through every layer of `stack` (layers stacked on a leading axis), with `nnx.scan`:
+    `layer(h, *args)` per layer; `in_axes` says which of `args` are per layer (0) or shared (None).
+    With `remat`, the layer is checkpointed inside the scan, so the backward pass keeps each
+    layer's input and recomputes that layer alone (a checkpoint around the whole scan would
+    recompute every layer's activations at once)."""
+
+    def layer_step(h, layer, *args):
+        return layer(h, *args)
+
     if remat:
-        body = nnx.remat(body, prevent_cse=False)
-    return nnx.scan(body, in_axes=in_axes, out_axes=out_axes)
+        layer_step = nnx.remat(layer_step, prevent_cse=False)
+    return nnx.scan(layer_step, in_axes=(nnx.Carry, 0, *in_axes), out_axes=out_axes)(h, stack, *args)
+
+
+def empty_cache(layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> tuple:
+    """An empty KV cache: (keys, values), each (layers, batch, max_length, kv_heads, head_dim)."""
+    shape = (layers, batch, max_length, kv_heads, head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import STACK, RMSNorm, attention, cached_mask, causal_mask, linear, scan_layers, stacked
+from lorax.models.layers import (STACK, RMSNorm, attention, cached_mask, causal_mask, empty_cache, linear,
+                                  run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,20 +173,15 @@ class LlamaModel(nnx.Module):
             mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
         h = self.embed_tokens(input_ids)
 
-        def run_layer(h, layer, cos, sin, mask, layer_cache, cache_index):
-            return layer(h, cos, sin, mask, layer_cache, cache_index)
-
-        run_layers = scan_layers(run_layer, remat=self.remat, in_axes=(nnx.Carry, 0, None, None, None, 0, None),
-                                 out_axes=(nnx.Carry, 0))
-        h, cache = run_layers(h, self.layers[STACK], cos, sin, mask, cache, cache_index)
+        h, cache = run_stacked(self.layers[STACK], h, cos, sin, mask, cache, cache_index, remat=self.remat,
+                               in_axes=(None, None, None, 0, None), out_axes=(nnx.Carry, 0))
         h = self.norm(h)
         return h if cache is None else (h, cache)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         """An empty KV cache: (keys, values), each (layers, batch, max_length, kv_heads, head_dim)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, max_length, c.kv_heads, c.head_size)
-        return jnp.zeros(shape, dtype or c.dtype), jnp.zeros(shape, dtype or c.dtype)
+        return empty_cache(c.num_hidden_layers, batch, max_length, c.kv_heads, c.head_size, dtype or c.dtype)
 
 
 class LlamaForCausalLM(nnx.Module):

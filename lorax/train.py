@@ -191,7 +191,7 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
         tx: the optax transformation (e.g. `lorax.optimizer(default_tx(...), params)`).
         loss_fn: `loss_fn(logits, batch) -> scalar`, e.g. `causal_lm_loss`.
         remat: gradient checkpointing, for an NNX model whose layers support it (a `remat`
-            attribute: `lorax.models.LlamaForCausalLM`). The backward pass keeps each decoder
+            attribute: the Llama, GPT-2 and BERT models of `lorax.models`). The backward pass keeps each
             layer's input and recomputes the rest of the layer, one layer at a time: activation
             memory drops from every intermediate of every layer to one (batch, seq, hidden)
             array per layer, for about one more forward pass of compute.

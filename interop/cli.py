@@ -109,7 +109,8 @@ def finetune(args) -> None:
     if args.resume:
         state = checkpoints.restore(state)
         print(f"resuming from step {int(state.step)}")
-    state = fit(make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=args.remat), state, data, steps=args.steps,
+    state = fit(make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=args.remat,
+                                 loss_chunk_size=args.loss_chunk_size), state, data, steps=args.steps,
                 batch_size=min(args.batch_size, len(data["input_ids"])), seed=args.seed, log_dir=out / "logs",
                 checkpoints=checkpoints, save_every=args.save_every)
     interop.save_adapter(out / "adapter", lorax.combine(state.trainable, frozen), config,
@@ -164,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
                    help="QLoRA: store the adapted base weights in 4 bits (double quantization, blocksize 64)")
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="compute the output head and the loss this many positions at a time (less memory; "
+                        "Llama-family models)")
     p.set_defaults(run=finetune)
 
     p = commands.add_parser("merge", help="merge a peft adapter into its base and write a transformers checkpoint")

@@ -68,15 +68,15 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
 
 
 def test_finetune_qlora_bf16_remat(model_dir, tmp_path):
-    """--quantize nf4 --dtype bfloat16 --remat: a bf16 base stored in 4 bits, fp32 adapters, and an
-    adapter that peft loads onto the bf16 model (adapters in fp32, as peft keeps them)."""
+    """--quantize nf4 --dtype bfloat16 --remat --loss-chunk-size: a bf16 base stored in 4 bits,
+    fp32 adapters, and an adapter that peft loads onto the bf16 model (in fp32, as peft keeps them)."""
     rng = np.random.default_rng(1)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"input_ids": rng.integers(0, 64, 10).tolist()}) for _ in range(8)))
     out = tmp_path / "qlora"
     assert main(["finetune", "--model", str(model_dir), "--data", str(data), "--target-modules", "q_proj,v_proj",
                  "--r", "4", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--dtype", "bfloat16",
-                 "--quantize", "nf4", "--remat", "--out", str(out)]) == 0
+                 "--quantize", "nf4", "--remat", "--loss-chunk-size", "4", "--out", str(out)]) == 0
     losses = [json.loads(line)["loss"] for line in (out / "logs" / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 3 and all(np.isfinite(losses))

@@ -167,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
     p.add_argument("--loss-chunk-size", type=int, default=None,
                    help="compute the output head and the loss this many positions at a time (less memory; "
-                        "Llama-family models)")
+                        "Llama-family and GPT-2 models)")
     p.set_defaults(run=finetune)
 
     p = commands.add_parser("merge", help="merge a peft adapter into its base and write a transformers checkpoint")

@@ -196,7 +196,7 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
             memory drops from every intermediate of every layer to one (batch, seq, hidden)
             array per layer, for about one more forward pass of compute.
         loss_chunk_size: with `loss_fn=causal_lm_loss` and a model that has `hidden_states` and
-            `logits` methods (`LlamaForCausalLM`): compute the output head and the loss this many
+            `logits` methods (`LlamaForCausalLM`, `GPT2LMHeadModel`): compute the output head and the loss this many
             positions at a time (`chunked_causal_lm_loss`), so the (batch, seq, vocab) logits and
             their gradient never exist whole. Same loss and gradients, one more pass of the head.
 
@@ -264,7 +264,7 @@ def _module_loss(model: ModelDef, loss_fn: Callable, remat: bool, loss_chunk_siz
             module.set_attributes(remat=True)
         except ValueError as error:
             raise LoraError(f"make_train_step(remat=True): {type(module).__name__} has no module with a `remat` "
-                            "attribute (models that have one: lorax.models.LlamaForCausalLM, LlamaModel); "
+                            "attribute (models that have one: the Llama, GPT-2 and BERT models of lorax.models); "
                             "use remat=False") from error
     inputs = model_inputs(batch)
     if loss_chunk_size is None:
@@ -272,7 +272,7 @@ def _module_loss(model: ModelDef, loss_fn: Callable, remat: bool, loss_chunk_siz
     if not (hasattr(module, "hidden_states") and hasattr(module, "logits")):
         raise LoraError(f"make_train_step(loss_chunk_size={loss_chunk_size}): {type(module).__name__} has no "
                         "`hidden_states` and `logits` methods (models that have them: "
-                        "lorax.models.LlamaForCausalLM); use loss_chunk_size=None")
+                        "lorax.models.LlamaForCausalLM, GPT2LMHeadModel); use loss_chunk_size=None")
     return chunked_causal_lm_loss(module.hidden_states(**inputs), module.logits, batch, loss_chunk_size)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, empty_cache,
-                                  linear, run_stacked, stacked)
+                                  linear, lm_logits, run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +167,16 @@ class GPT2LMHeadModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         out = self.transformer(input_ids, attention_mask, position_ids, cache, cache_index)
         h, cache = (out, None) if cache is None else out
-        if self.config.tie_word_embeddings:
-            logits = h @ self.transformer.wte.embedding.get_value().T.astype(h.dtype)
-        else:
-            logits = self.lm_head(h)
+        logits = self.logits(h)
         return logits if cache is None else (logits, cache)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """The final (ln_f) hidden states (b, s, n_embd) that the output head reads."""
+        return self.transformer(input_ids, attention_mask, position_ids)
+
+    def logits(self, h):
+        """The output head: (..., n_embd) -> (..., vocab), tied to `wte` unless the config unties it."""
+        return lm_logits(h, self.transformer.wte, None if self.config.tie_word_embeddings else self.lm_head)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         return self.transformer.init_cache(batch, max_length, dtype)

@@ -71,6 +71,14 @@ def run_stacked(stack: nnx.Module, h: jax.Array, *args, remat: bool, in_axes: tu
     return nnx.scan(layer_step, in_axes=(nnx.Carry, 0, *in_axes), out_axes=out_axes)(h, stack, *args)
 
 
+def lm_logits(h: jax.Array, embed: nnx.Embed, lm_head: nnx.Linear | None) -> jax.Array:
+    """A causal LM's output head, (..., hidden) -> (..., vocab): `lm_head(h)`, or, for a model
+    whose head is tied to its input embeddings (no `lm_head`), `h @ embeddingᵀ`."""
+    if lm_head is None:
+        return h @ embed.embedding.get_value().T.astype(h.dtype)
+    return lm_head(h)
+
+
 def empty_cache(layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> tuple:
     """An empty KV cache: (keys, values), each (layers, batch, max_length, kv_heads, head_dim)."""
     shape = (layers, batch, max_length, kv_heads, head_dim)

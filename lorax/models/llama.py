@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lorax.models.layers import (STACK, RMSNorm, attention, cached_mask, causal_mask, empty_cache, linear,
-                                  run_stacked, stacked)
+                                  lm_logits, run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +211,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def logits(self, h):
         """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings."""
-        if self.config.tie_word_embeddings:
-            return h @ self.model.embed_tokens.embedding.get_value().T.astype(h.dtype)
-        return self.lm_head(h)
+        return lm_logits(h, self.model.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         return self.model.init_cache(batch, max_length, dtype)

@@ -105,15 +105,23 @@ def test_logits_equal_bnb(quantized, quantization):
     np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_qlora_on_loaded_params_matches_peft(quantized, quantization):
+def qlora_pair(quantized, quantization):
+    """(graphdef, our QLoRA params on the loaded 4-bit base, peft's QLoRA on the bnb model, before
+    and after ours' random A and B are copied into it): the same adapter on both sides."""
     _, folder, (graphdef, base) = quantized[quantization]
     params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **QLORA), key=jax.random.key(1))
+    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(init_lora_weights=False, **QLORA))
+    line = peft_line(peft_model)
+    sync_into_peft(params, peft_model)
+    return graphdef, params, peft_model, line
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+def test_qlora_on_loaded_params_matches_peft(quantized, quantization):
+    graphdef, params, peft_model, line = qlora_pair(quantized, quantization)
     q_proj = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q_proj, lorax.LoraArray) and isinstance(q_proj.w, lorax.Nf4Array)
-    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(init_lora_weights=False, **QLORA))
-    assert lorax_line(params) == peft_line(peft_model)
-    sync_into_peft(params, peft_model)
+    assert lorax_line(params) == line
     ids = tokens()
     with torch.no_grad():
         theirs = peft_model(ids).logits.numpy()
@@ -124,10 +132,7 @@ def test_qlora_on_loaded_params_matches_peft(quantized, quantization):
 def test_requantizing_merge_equals_peft(quantized, quantization):
     """merge(requantize=True) is peft's merge_and_unload on a bitsandbytes 4-bit model:
     dequantize, add the delta, quantize again: the same bytes, the same logits."""
-    _, folder, (graphdef, base) = quantized[quantization]
-    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **QLORA), key=jax.random.key(1))
-    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(init_lora_weights=False, **QLORA))
-    sync_into_peft(params, peft_model)
+    graphdef, params, peft_model, _ = qlora_pair(quantized, quantization)
     theirs = peft_model.merge_and_unload()
     merged = lorax.merge(params, requantize=True)
     for name in ("q_proj", "v_proj"):

@@ -27,7 +27,7 @@ from interop.checkpoint import CheckpointError, read_safetensors
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
-from lorax.targets import dotted
+from lorax.targets import dotted, modules
 from lorax.transform import lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,6 +35,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # Modules whose torch weight is (in, out) already: GPT-2's Conv1D layers.
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc"})
+# The output head that tie_word_embeddings ties to the input embeddings.
+TIED_HEAD = "lm_head"
 # peft fields that describe bookkeeping or features left at their defaults; anything else
 # unknown to LoraConfig is refused by name.
 PEFT_BOOKKEEPING = {
@@ -42,7 +44,7 @@ PEFT_BOOKKEEPING = {
     "auto_mapping": None, "peft_version": None, "megatron_core": "megatron.core", "qalora_group_size": 16,
     "lora_bias": False, "layer_replication": None, "megatron_config": None, "loftq_config": {},
     "eva_config": None, "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
-    "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None, "ensure_weight_tying": False,
+    "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
     "velora_config": None,
 }
@@ -85,6 +87,41 @@ def adapter_state(params: Any) -> dict[str, np.ndarray]:
             where = f"{module}.base_layer" if module in lora_modules else module
             tensors[f"{PREFIX}{where}.{torch_leaf}"] = np.ascontiguousarray(value.T if transpose else value)
     return tensors
+
+
+def tied_head_state(params: Any, config: LoraConfig) -> dict[str, np.ndarray]:
+    """The tensors peft writes for an output head tied to the input embeddings when
+    `ensure_weight_tying=True`: the head's adapter is the embeddings' (lora_A = lora_embedding_Bᵀ,
+    lora_B = lora_embedding_Aᵀ), its modules_to_save copy is the embeddings' copy. Empty when the
+    config does not tie, or the model has a head of its own (no tie)."""
+    if not config.ensure_weight_tying or TIED_HEAD in modules(params):
+        return {}
+
+    def leaf_ties(leaf):
+        return isinstance(leaf, (LoraArray, TrainableArray)) and leaf.ensure_weight_tying
+
+    tensors = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+        module, _, name = dotted(keypath).rpartition(".")
+        if name != "embedding" or not leaf_ties(leaf):
+            continue
+        if isinstance(leaf, LoraArray):
+            tensors[f"{PREFIX}{TIED_HEAD}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaf.b))
+            tensors[f"{PREFIX}{TIED_HEAD}.lora_B.weight"] = np.ascontiguousarray(np.asarray(leaf.a))
+        elif isinstance(leaf, TrainableArray):
+            tensors[f"{PREFIX}{TIED_HEAD}.weight"] = np.asarray(leaf.value)
+    return tensors
+
+
+def _embedding_bases(params: Any) -> dict[str, str]:
+    """peft's name for the base table of each adapted embedding (peft saves it beside the adapter,
+    save_embedding_layers) -> our dotted leaf path."""
+    found = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+        path = dotted(keypath)
+        if isinstance(leaf, LoraArray) and path.endswith(".embedding") and leaf.ranks is None:
+            found[f"{PREFIX}{leaf.path}.base_layer.weight"] = path
+    return found
 
 
 def adapter_config(config: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -135,6 +172,7 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
     tensors = adapter_state(params)
     if not tensors:
         raise LoraError("params hold no adapters to save: call lorax.lora(params, config, key=...) first")
+    tensors |= tied_head_state(params, config)
     config_json = json.dumps(adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
     _atomic_write(folder, {ADAPTER_WEIGHTS: _safetensors_bytes(tensors), ADAPTER_CONFIG: config_json.encode()})
 
@@ -181,7 +219,12 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     tensors = dict(read_safetensors(weights))
     params = lora(base_params, config, key=jax.random.key(0), output_head=output_head)
     expected = adapter_state(params)
-    unexpected = sorted(set(tensors) - set(expected))
+    bases = _embedding_bases(params)
+    tied = tied_head_state(params, config)
+    # Written by peft too, and optional: adapted embeddings' base tables, and with
+    # ensure_weight_tying the tied head's copies (checked below) and its base (the embeddings').
+    optional = set(bases) | set(tied) | ({f"{PREFIX}{TIED_HEAD}.base_layer.weight"} if tied else set())
+    unexpected = sorted(set(tensors) - set(expected) - optional)
     missing = sorted(set(expected) - set(tensors))
     if unexpected or missing:
         raise CheckpointError(
@@ -189,20 +232,34 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
             + (f"; missing: {listing(missing)}" if missing else "")
             + (f"; unexpected: {listing(unexpected)}" if unexpected else "")
         )
-    for name, value in expected.items():
+    base_tables = {bases[name]: tensors[name] for name in bases if name in tensors}
+    for name, value in [*expected.items(), *((n, _leaf_at(params, p).w) for n, p in bases.items() if n in tensors)]:
         if tuple(tensors[name].shape) != value.shape:
             raise CheckpointError(f"{weights}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the base model "
                                   f"needs {value.shape} (an adapter for another model?)")
-    return _fill(params, tensors)
+    params = _fill(params, tensors, base_tables)
+    for name, value in tied_head_state(params, config).items():
+        if name in tensors and not np.array_equal(tensors[name], value.astype(tensors[name].dtype)):
+            raise CheckpointError(f"{weights}: {name!r} should be tied to the input embeddings "
+                                  "(ensure_weight_tying=true) but differs from them")
+    return params
 
 
-def _fill(params: Any, tensors: dict[str, np.ndarray]) -> Any:
-    """params with A/B and trained leaves replaced by the file's tensors (names as adapter_state gives them)."""
+def _leaf_at(params: Any, path: str) -> Any:
+    return next(leaf for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
+                if dotted(keypath) == path)
+
+
+def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np.ndarray]) -> Any:
+    """params with A/B and trained leaves replaced by the file's tensors (names as adapter_state
+    gives them), and the base tables of adapted embeddings by `base_tables` (leaf path -> table)."""
     lora_modules = set()
 
     def fill_lora(keypath, leaf):
         if not isinstance(leaf, LoraArray):
             return leaf
+        if dotted(keypath) in base_tables:
+            leaf = eqx.tree_at(lambda l: l.w, leaf, jnp.asarray(base_tables[dotted(keypath)], leaf.w.dtype))
         embedding = dotted(keypath).endswith(".embedding")
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         modules = _module_factors(leaf)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import quax
 from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from lorax.errors import UnsupportedOpError
 
@@ -47,6 +49,8 @@ class LoraArray(quax.ArrayValue):
         dropout_rate: lora_dropout, applied to the adapter's input when `dropout_key` is set.
         dropout_key: a PRNG key, set by `lorax.apply(..., dropout_key=...)` during training.
         allow_materialize: let operations without a rule form `w + scale·a@b` instead of failing.
+        ensure_weight_tying: an output head tied to this table (`tied_weight`) sees the adapted
+            table; False: it sees `w` (LoraConfig.ensure_weight_tying, peft's behaviour).
     """
 
     w: jax.Array
@@ -58,6 +62,7 @@ class LoraArray(quax.ArrayValue):
     ranks: tuple[int, ...] | None = eqx.field(static=True, default=None)
     dropout_rate: float = eqx.field(static=True, default=0.0)
     allow_materialize: bool = eqx.field(static=True, default=False)
+    ensure_weight_tying: bool = eqx.field(static=True, default=False)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b")
 
@@ -124,10 +129,13 @@ class TrainableArray(quax.ArrayValue):
         original: the frozen original (modules_to_save keeps one, as peft's
             ModulesToSaveWrapper does; it counts in "all params" and is what the model
             uses with adapters disabled). None for biases.
+        ensure_weight_tying: an output head tied to this table (`tied_weight`) sees `value`;
+            False: it sees `original`, as in peft.
     """
 
     value: jax.Array
     original: jax.Array | None = None
+    ensure_weight_tying: bool = eqx.field(static=True, default=False)
 
     trainable_fields: ClassVar[tuple[str, ...]] = ("value",)
 
@@ -137,6 +145,42 @@ class TrainableArray(quax.ArrayValue):
     def materialise(self) -> jax.Array:
         # Every operation sees the trained value: this wrapper changes training, not math.
         return self.value
+
+
+# `tied_weight`'s primitive: the identity on plain arrays; LoraArray and TrainableArray answer
+# with the table a tied output head multiplies by.
+tied_weight_p = Primitive("lorax_tied_weight")
+tied_weight_p.def_impl(lambda x: x)
+tied_weight_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(tied_weight_p, lambda ctx, x: [x])
+ad.deflinear2(tied_weight_p, lambda cotangent, x: [cotangent])
+batching.primitive_batchers[tied_weight_p] = lambda args, dims: (tied_weight_p.bind(*args), dims[0])
+
+
+def tied_weight(table: jax.Array) -> jax.Array:
+    """The embedding table as an output head tied to it sees it: `logits = h @ tied_weight(E).T`.
+
+    A plain table is returned as it is. An adapted one answers as peft's tied `lm_head` does:
+    by default the head keeps the frozen base (`w` of a LoraArray, the original of a
+    modules_to_save copy), since peft adapts the embedding module and leaves the head's shared
+    weight alone; with `LoraConfig(ensure_weight_tying=True)` the head sees the adapted table.
+
+    >>> table = jnp.ones((5, 3))
+    >>> weight = LoraArray(table, jnp.ones((5, 2)), jnp.ones((2, 3)), path="embed_tokens")
+    >>> quax.quaxify(lambda e: tied_weight(e).sum())(weight)
+    Array(15., dtype=float32)
+    """
+    return tied_weight_p.bind(table)
+
+
+@quax.register(tied_weight_p)
+def _tied_lora(table: LoraArray):
+    return table if table.ensure_weight_tying else table.w
+
+
+@quax.register(tied_weight_p)
+def _tied_trainable(table: TrainableArray):
+    return table if table.ensure_weight_tying or table.original is None else table.original
 
 
 def is_adapter(x: Any) -> bool:

@@ -65,6 +65,12 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     # peft's task type ("CAUSAL_LM", "SEQ_CLS", ...); recorded in exported adapters.
     task_type: str | None = None
+    # For a model whose output head is tied to its input embeddings (tie_word_embeddings):
+    # False (peft's default): an adapter or modules_to_save copy on the embeddings changes the
+    # input side only; the tied head keeps multiplying by the frozen base table, as peft's
+    # lm_head does. True: the head sees the adapted table too (peft ties lm_head's adapter to
+    # the embedding's). Merging writes the update into the one shared table either way.
+    ensure_weight_tying: bool = False
 
     def __post_init__(self):
         _validate(self)
@@ -158,3 +164,5 @@ def _validate(c: LoraConfig) -> None:
             )
     if not isinstance(c.fan_in_fan_out, bool):
         fail(f"fan_in_fan_out must be a bool, got {c.fan_in_fan_out!r}")
+    if not isinstance(c.ensure_weight_tying, bool):
+        fail(f"ensure_weight_tying must be a bool, got {c.ensure_weight_tying!r}")

@@ -28,6 +28,11 @@ from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, dequantize, quantize_l
 from lorax.targets import BIAS_LEAF, Target, dotted, is_value, modules, saved_module_paths, select_targets
 
 
+# The module names for which peft's ensure_weight_tying ties an adapter (or modules_to_save copy)
+# to the output head tied to the embeddings: peft.utils.constants.EMBEDDING_LAYER_NAMES.
+PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
 def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """A (in, r) and B (r, out) initialised like peft's LoraLayer.reset_lora_parameters.
 
@@ -132,6 +137,8 @@ def lora(
     def transform(keypath, leaf):
         path = dotted(keypath)
         module_path, _, leaf_name = path.rpartition(".")
+        # peft ties adapters to a tied output head only for modules with these names.
+        tie = config.ensure_weight_tying and module_path.rsplit(".", 1)[-1] in PEFT_EMBEDDING_LAYER_NAMES
         if path in by_leaf:
             group = by_leaf[path]
             base = leaf
@@ -141,10 +148,10 @@ def lora(
             return _lora_array(
                 base, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
                 dropout_rate=config.lora_dropout if group[0].kind == "linear" else 0.0,
-                allow_materialize=allow_materialize,
+                allow_materialize=allow_materialize, ensure_weight_tying=tie,
             )
         if any(module_path == p or module_path.startswith(p + ".") for p in saved):
-            return TrainableArray(leaf, original=leaf)
+            return TrainableArray(leaf, original=leaf, ensure_weight_tying=tie)
         if leaf_name == BIAS_LEAF and (config.bias == "all" or (config.bias == "lora_only" and module_path in adapted)):
             return TrainableArray(leaf)
         return leaf

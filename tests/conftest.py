@@ -8,6 +8,7 @@ import contextlib
 import copy
 import io
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import lorax
@@ -195,7 +196,7 @@ def perturb_trained_leaves(params, key):
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lorax.is_adapter)
     keys = jax.random.split(key, len(leaves))
     moved = [
-        lorax.TrainableArray(leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape), leaf.original)
+        eqx.tree_at(lambda l: l.value, leaf, leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape))
         if isinstance(leaf, lorax.TrainableArray) else leaf
         for leaf, k in zip(leaves, keys)
     ]

@@ -23,8 +23,11 @@ def test_merged_llama_loads_in_transformers(tmp_path, tied):
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, tie_word_embeddings=tied)).eval()
     hf.save_pretrained(tmp_path / "base")
     graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    # A tied model whose embeddings are adapted: with ensure_weight_tying the head sees the adapted
+    # table, as it does after merging (one shared table); without it peft's unmerged head keeps the
+    # base table (tests/test_tied_head.py), and only the merged model would match.
     config = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], layers_to_transform=None,
-                  init_lora_weights=False)
+                  init_lora_weights=False, ensure_weight_tying=tied)
     params = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     adapted = np.asarray(lorax.apply(graphdef, params, jnp.asarray(ids.numpy())))
@@ -37,7 +40,9 @@ def test_merged_llama_loads_in_transformers(tmp_path, tied):
         np.testing.assert_allclose(loaded(ids).logits.numpy(), adapted, atol=1e-4, rtol=1e-4)
     assert loaded.config.tie_word_embeddings == tied
 
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(**config))
+    # peft's merge with ensure_weight_tying adds the tied head's copy of the update to the shared
+    # table a second time (peft 0.21); its default merge writes it once, as ours.
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(**{**config, "ensure_weight_tying": False}))
     sync_into_peft(params, peft_model)
     theirs = peft_model.merge_and_unload().state_dict()
     assert loaded.state_dict().keys() == theirs.keys()

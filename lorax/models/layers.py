@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import lorax.remat  # noqa: F401  (the rule that lets nnx.remat run on LoRA and NF4 weights)
+from lorax.arrays import tied_weight
 from lorax.targets import STACK
 
 
@@ -73,9 +74,10 @@ def run_stacked(stack: nnx.Module, h: jax.Array, *args, remat: bool, in_axes: tu
 
 def lm_logits(h: jax.Array, embed: nnx.Embed, lm_head: nnx.Linear | None) -> jax.Array:
     """A causal LM's output head, (..., hidden) -> (..., vocab): `lm_head(h)`, or, for a model
-    whose head is tied to its input embeddings (no `lm_head`), `h @ embeddingᵀ`."""
+    whose head is tied to its input embeddings (no `lm_head`), `h @ embeddingᵀ`, with the table
+    that peft's tied head would use when the embeddings are adapted (`lorax.arrays.tied_weight`)."""
     if lm_head is None:
-        return h @ embed.embedding.get_value().T.astype(h.dtype)
+        return h @ tied_weight(embed.embedding.get_value()).T.astype(h.dtype)
     return lm_head(h)
 
 

@@ -21,8 +21,9 @@ torch's threads). XLA flushes subnormal floats (below 1.2e-38) to zero on CPU, s
 only of such values do not match.
 
 `Nf4Array` is the quantized weight as an implicit array: model code multiplies by it as if it
-were the dense weight, and its `dot_general` rule dequantizes inside the computation. A
-`LoraArray` whose base `w` is an `Nf4Array` is QLoRA.
+were the dense weight, and its `dot_general` rule dequantizes inside the computation (a large
+linear weight a block of output features at a time, forward and backward, so its dense copy
+never exists whole). A `LoraArray` whose base `w` is an `Nf4Array` is QLoRA.
 
 >>> import jax, jax.numpy as jnp, quax
 >>> w = jax.random.normal(jax.random.key(0), (128, 32))
@@ -319,17 +320,22 @@ def _block_absmax(q: "Nf4Array") -> jax.Array:
     return scaled.reshape(-1)[: q.absmax.shape[0]] + q.offset
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def _dequantize(q: "Nf4Array", dtype) -> jax.Array:
-    absmax = _block_absmax(q)
+def _decode(packed: jax.Array, absmax: jax.Array, blocksize: int, quant_type: str, dtype) -> jax.Array:
+    """Codebook value times block absmax in fp32, cast to dtype: (len(absmax) * blocksize,)
+    values from `packed` (padded with zeros to whole blocks)."""
     blocks = absmax.shape[0]
     # A 256-entry table from a byte to its two values (high nibble first) decodes a byte per
     # lookup; the absmax scaling fuses into the same loop.
-    code = CODEBOOKS[q.quant_type]
+    code = CODEBOOKS[quant_type]
     pairs = jnp.asarray(np.stack([code[np.arange(256) >> 4], code[np.arange(256) & 15]], axis=1))
-    packed = jnp.pad(q.packed, (0, blocks * q.blocksize // 2 - q.packed.shape[0]))
-    values = pairs[packed].reshape(blocks, q.blocksize) * absmax[:, None]
-    dense = values.reshape(-1)[: math.prod(q.quant_shape)].reshape(q.quant_shape).astype(dtype)
+    packed = jnp.pad(packed, (0, blocks * blocksize // 2 - packed.shape[0]))
+    return (pairs[packed].reshape(blocks, blocksize) * absmax[:, None]).reshape(-1).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _dequantize(q: "Nf4Array", dtype) -> jax.Array:
+    values = _decode(q.packed, _block_absmax(q), q.blocksize, q.quant_type, dtype)
+    dense = values[: math.prod(q.quant_shape)].reshape(q.quant_shape)
     return jnp.swapaxes(dense, -1, -2) if q.transposed else dense
 
 
@@ -462,10 +468,86 @@ def _frozen_product(x: jax.Array, weight: "Nf4Array", product) -> jax.Array:
     return frozen_product(x, weight)
 
 
+# A weight whose dense form has more elements than this is multiplied a block of output features
+# at a time (`_blocked_product`), so its dense copy never exists whole.
+DENSE_BLOCK_ELEMENTS = 1 << 18
+
+
+def _output_blocks(weight: "Nf4Array") -> int:
+    """How many blocks of output features `_blocked_product` cuts `weight` into: 1 (no blocking)
+    unless it is a large 2-D (in, out) weight stored as torch's (out, in) (`transposed`, as
+    `lorax.lora` and bitsandbytes store linear weights), whose output features are consecutive in
+    storage; each block is then whole quantization blocks."""
+    if weight.packed.ndim != 1 or not weight.transposed or len(weight.quant_shape) != 2:
+        return 1
+    out_features, in_features = weight.quant_shape
+    count = 1
+    while out_features * in_features // count > DENSE_BLOCK_ELEMENTS:
+        count *= 2
+        if out_features % count or (out_features // count * in_features) % weight.blocksize:
+            return count // 2
+    return count
+
+
+def _blocked_product(x: jax.Array, weight: "Nf4Array", count: int, params: dict) -> jax.Array:
+    """`x @ dequantize(weight)` for a 2-D weight cut into `count` blocks of output features, each
+    dequantized just before its matmul (forward) and again in the backward pass, so at most one
+    block of the dense weight is alive at a time. Each output feature is one dot product over all
+    inputs either way; only the matmul kernel's summation order may differ (float rounding)."""
+    out_features, in_features = weight.quant_shape
+    rows = out_features // count
+    contract_x = (((x.ndim - 1,), (1,)), ((), ()))  # x (..., in) with a dense block (rows, in)
+
+    def dense_block(weight, absmax, k):
+        values = rows * in_features
+        packed = lax.dynamic_slice_in_dim(weight.packed, k * (values // 2), values // 2)
+        scales = lax.dynamic_slice_in_dim(absmax, k * (values // weight.blocksize), values // weight.blocksize)
+        return _decode(packed, scales, weight.blocksize, weight.quant_type, weight.dtype).reshape(rows, in_features)
+
+    def forward(x, weight):
+        absmax = _block_absmax(weight)
+
+        def block(k, y):
+            part = lax.dot_general(x, dense_block(weight, absmax, k), contract_x, **params)
+            return lax.dynamic_update_slice_in_dim(y, part.astype(y.dtype), k * rows, axis=-1)
+
+        shape = jax.eval_shape(lambda x: lax.dot_general(x, jnp.zeros((out_features, in_features), weight.dtype),
+                                                         contract_x, **params), x)
+        return lax.fori_loop(0, count, block, jnp.zeros(shape.shape, shape.dtype)), weight
+
+    def backward(weight, cotangent):
+        absmax = _block_absmax(weight)
+        blocks = jnp.moveaxis(cotangent.reshape(*cotangent.shape[:-1], count, rows), -2, 0)
+
+        def block(x_cotangent, k_and_cotangent):
+            k, part = k_and_cotangent
+            dense = dense_block(weight, absmax, k)
+            contract = (((part.ndim - 1,), (0,)), ((), ()))
+            return x_cotangent + lax.dot_general(part, dense.astype(part.dtype), contract,
+                                                 preferred_element_type=jnp.float32), None
+
+        start = jnp.zeros(x.shape, jnp.float32)
+        x_cotangent, _ = lax.scan(block, start, (jnp.arange(count), blocks))
+        return x_cotangent.astype(x.dtype), None
+
+    @jax.custom_vjp
+    def product(x, weight):
+        return forward(x, weight)[0]
+
+    product.defvjp(forward, backward)
+    return product(x, weight)
+
+
 @quax.register(lax.dot_general_p)
 def _dot_general_rhs(x: ArrayLike, weight: Nf4Array, *, dimension_numbers, **params):
     """x·W: W dequantized in its dtype inside the same (jitted) computation, then an ordinary
-    dot_general; no gradient reaches W, and the backward pass dequantizes W again."""
+    dot_general; no gradient reaches W, and the backward pass dequantizes W again. A large
+    linear weight (x @ W) is dequantized a block of output features at a time."""
+    count = _output_blocks(weight)
+    plain_matmul = tuple(map(tuple, dimension_numbers[0])) == ((jnp.ndim(x) - 1,), (0,)) \
+        and not any(dimension_numbers[1])
+    if count > 1 and plain_matmul:
+        return _blocked_product(jnp.asarray(x), weight, count, params)
     return _frozen_product(x, weight, lambda x, w: lax.dot_general(x, w, dimension_numbers, **params))
 
 

@@ -216,3 +216,12 @@ def adapted_paths(params):
     """Module paths with an adapter, one per layer for stacked weights (peft's targeted_module_names)."""
     return sorted(path for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter)
                   if isinstance(leaf, lorax.LoraArray) for path, _, _ in per_module_factors(leaf))
+
+
+@pytest.fixture(params=["whole", "blocked"])
+def dense_blocks(request, monkeypatch):
+    """Run a test with 4-bit weights dequantized whole, and again a block of output features at
+    a time (`lorax.nf4.DENSE_BLOCK_ELEMENTS` lowered so that small test weights are cut up)."""
+    if request.param == "blocked":
+        monkeypatch.setattr(lorax.nf4, "DENSE_BLOCK_ELEMENTS", 1024)
+    return request.param

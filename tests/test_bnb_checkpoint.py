@@ -97,7 +97,7 @@ def test_kernels_are_bnb_bytes(quantized, quantization):
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_logits_equal_bnb(quantized, quantization):
+def test_logits_equal_bnb(quantized, quantization, dense_blocks):
     model, _, (graphdef, params) = quantized[quantization]
     ids = tokens()
     with torch.no_grad():
@@ -117,7 +117,7 @@ def qlora_pair(quantized, quantization):
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_qlora_on_loaded_params_matches_peft(quantized, quantization):
+def test_qlora_on_loaded_params_matches_peft(quantized, quantization, dense_blocks):
     graphdef, params, peft_model, line = qlora_pair(quantized, quantization)
     q_proj = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q_proj, lorax.LoraArray) and isinstance(q_proj.w, lorax.Nf4Array)

@@ -170,6 +170,31 @@ def test_jit_eager_and_fused_agree(quant_type, double_quant):
     np.testing.assert_array_equal(nf4.dequantize(jitted), eager_values)
 
 
+def test_blocked_product_never_forms_the_whole_dense_weight(monkeypatch):
+    """A large linear weight is dequantized a block of output features at a time, forward and
+    backward: no array of the dense weight's size appears in the computation, and the values
+    and input gradient are those of dequantize-then-multiply."""
+    monkeypatch.setattr(nf4, "DENSE_BLOCK_ELEMENTS", 128 * 64)
+    q = nf4.QuantConfig(double_quant=True).quantize_kernel(jax.random.normal(jax.random.key(0), (256, 128)))
+    assert nf4._output_blocks(q) == 4
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256))
+
+    def loss(x):
+        return jnp.sum(jnp.sin(quax.quaxify(lambda x, w: x @ w)(x, q)))
+
+    text = str(jax.make_jaxpr(jax.value_and_grad(loss))(x))
+    assert "f32[32,256]" in text  # one block of the dense weight (out 32 x in 256)
+    assert not any(shape in text for shape in ("f32[128,256]", "f32[256,128]", "f32[32768]"))
+    value, grad = jax.jit(jax.value_and_grad(loss))(x)
+    want_value, want_grad = jax.value_and_grad(lambda x: jnp.sum(jnp.sin(x @ nf4.dequantize(q))))(x)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+    # Sizes that do not cut into whole quantization blocks are not cut there.
+    odd = nf4.QuantConfig(blocksize=256).quantize_kernel(jnp.ones((96, 40)))
+    monkeypatch.setattr(nf4, "DENSE_BLOCK_ELEMENTS", 100)
+    assert nf4._output_blocks(odd) == 1
+
+
 def random_qlora(key, d_in, d_out, r, scale, config=nf4.QuantConfig()):
     kw, ka, kb = jax.random.split(key, 3)
     w = config.quantize_kernel(jax.random.normal(kw, (d_in, d_out)))
@@ -183,7 +208,7 @@ def dense(weight: LoraArray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("config", [nf4.QuantConfig(), nf4.QuantConfig("fp4", 128, double_quant=True)])
-def test_qlora_product_and_gradients(config):
+def test_qlora_product_and_gradients(config, dense_blocks):
     weight = random_qlora(jax.random.key(0), 96, 40, 4, 0.5, config)
     x = jax.random.normal(jax.random.key(1), (3, 5, 96))
     product = jax.jit(quax.quaxify(lambda x, w: x @ w))
@@ -214,7 +239,7 @@ def test_qlora_product_and_gradients(config):
 
 
 @pytest.mark.parametrize("side", ["x @ w", "w.T @ x"])
-def test_backward_pass_dequantizes_again_instead_of_keeping_the_dense_weight(side):
+def test_backward_pass_dequantizes_again_instead_of_keeping_the_dense_weight(side, dense_blocks):
     """The vjp of a product with an NF4 weight keeps the 4-bit weight, not its dense copy (8x
     the bytes in fp32), and gives the gradient that dequantize-then-multiply gives."""
     q = nf4.QuantConfig(double_quant=True).quantize_kernel(jax.random.normal(jax.random.key(0), (256, 128)))
@@ -226,7 +251,7 @@ def test_backward_pass_dequantizes_again_instead_of_keeping_the_dense_weight(sid
         ours, reference = (lambda x: quax.quaxify(lambda w, x: w.T @ x)(q, x)), (lambda x: nf4.dequantize(q).T @ x)
     out, vjp_ours = jax.vjp(ours, x)
     want, vjp_reference = jax.vjp(reference, x)
-    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)  # blocked: the matmul sums in another order
     cotangent = jax.random.normal(jax.random.key(2), out.shape)
     np.testing.assert_allclose(vjp_ours(cotangent)[0], vjp_reference(cotangent)[0], rtol=1e-6, atol=1e-5)
     # What each vjp keeps for the backward pass: its residuals are the leaves of the returned function.
@@ -235,7 +260,7 @@ def test_backward_pass_dequantizes_again_instead_of_keeping_the_dense_weight(sid
     assert sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(vjp_ours)) <= q.stored_bytes()
 
 
-def test_jitted_qlora_gradients_through_the_recomputing_rule():
+def test_jitted_qlora_gradients_through_the_recomputing_rule(dense_blocks):
     """Through a LoraArray whose base is NF4, under jit: the a, b and x gradients of
     dequantize-then-multiply."""
     weight = random_qlora(jax.random.key(0), 512, 256, 4, 0.5, nf4.QuantConfig(double_quant=True))
@@ -253,7 +278,7 @@ def test_jitted_qlora_gradients_through_the_recomputing_rule():
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_stacked_qlora_under_scan_and_merge():
+def test_stacked_qlora_under_scan_and_merge(dense_blocks):
     """Layers stacked on a leading axis are quantized one by one and sliced by lax.scan."""
     layers, d, r = 3, 64, 2
     keys = jax.random.split(jax.random.key(0), 3)

@@ -5,9 +5,12 @@ moves arrays: `to_bnb(q)` returns the packed uint8 tensor and the `QuantState` t
 `bitsandbytes.functional.quantize_4bit` would return for the same weight, and `from_bnb` takes
 them (or a `Params4bit`) back.
 
->>> packed, state = interop.bnb.to_bnb(lorax.nf4.quantize(w, double_quant=True))   # doctest: +SKIP
->>> w_bnb = bitsandbytes.functional.dequantize_4bit(packed, state)                 # doctest: +SKIP
->>> q = interop.bnb.from_bnb(linear4bit.weight)         # Params4bit: its quant_state  # doctest: +SKIP
+>>> import bitsandbytes
+>>> packed, state = interop.bnb.to_bnb(lorax.nf4.quantize(w, double_quant=True))
+>>> w_bnb = bitsandbytes.functional.dequantize_4bit(packed, state)
+>>> bool((w_bnb.numpy() == np.asarray(lorax.nf4.dequantize(q))).all())     # q: the same quantization
+True
+>>> q_again = interop.bnb.from_bnb(packed, state)           # or from_bnb(linear4bit.weight), a Params4bit
 """
 
 import math
@@ -40,8 +43,10 @@ def to_bnb(q: Nf4Array):
             dtype and shape, and for double quantization the offset and nested state.
 
     Example:
+        >>> import bitsandbytes
         >>> packed, state = interop.bnb.to_bnb(q)
-        >>> bitsandbytes.functional.dequantize_4bit(packed, state)   # == lorax.nf4.dequantize(q), stored layout
+        >>> bitsandbytes.functional.dequantize_4bit(packed, state).shape   # == lorax.nf4.dequantize(q)
+        torch.Size([64, 32])
     """
     import torch
     from bitsandbytes.functional import QuantState, get_4bit_type
@@ -79,8 +84,10 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
         The `Nf4Array`; `lorax.nf4.dequantize` of it equals bnb's `dequantize_4bit`.
 
     Example:
-        >>> q = interop.bnb.from_bnb(*interop.bnb.to_bnb(q))           # the same q
-        >>> kernel = interop.bnb.from_bnb(layer.weight, transposed=True)
+        >>> interop.bnb.from_bnb(*interop.bnb.to_bnb(q)).packed.shape == q.packed.shape   # the same q
+        True
+        >>> interop.bnb.from_bnb(*interop.bnb.to_bnb(q), transposed=True).shape   # a Linear weight as a kernel
+        (32, 64)
     """
     import torch
 

@@ -1,10 +1,11 @@
 """lorax: LoRA for JAX as a transform of parameter trees.
 
 >>> import jax, lorax
->>> graphdef, params = lorax.split(model)                                    # doctest: +SKIP
+>>> graphdef, params = lorax.split(model)                       # model: any Flax NNX module
 >>> params = lorax.lora(params, lorax.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
->>> lorax.print_trainable_parameters(params)                                 # doctest: +SKIP
->>> out = lorax.apply(graphdef, params, x)                                   # doctest: +SKIP
+>>> lorax.print_trainable_parameters(params)
+trainable params: ... || all params: ... || trainable%: ...
+>>> logits = lorax.apply(graphdef, params, input_ids)
 """
 
 from lorax.apply import ModelDef, apply, split, with_dropout

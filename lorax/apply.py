@@ -42,7 +42,8 @@ def split(model: nnx.Module) -> tuple[ModelDef, dict]:
 
     Example:
         >>> graphdef, params = lorax.split(model)
-        >>> params = lorax.lora(params, config, key=key)
+        >>> params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"].shape   # 2 layers, stacked
+        (2, 32, 32)
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = nnx.to_pure_dict(rest)
@@ -81,8 +82,10 @@ def apply(model: ModelDef | nnx.GraphDef | Callable, params: Any, *args, dropout
         The model's output, computed with `x@w + scale·(x@a)@b` wherever a LoRA weight is used.
 
     Example:
-        >>> logits = lorax.apply(graphdef, params, input_ids)
-        >>> logits = lorax.apply(lambda p, x: mlp.apply({"params": p}, x), params, x)
+        >>> lorax.apply(graphdef, params, input_ids).shape                        # an NNX model
+        (1, 8, 64)
+        >>> lorax.apply(lambda p, x: mlp.apply({"params": p}, x), mlp_params, x).shape   # a Linen one
+        (4, 2)
     """
     if isinstance(model, nnx.GraphDef):
         model = ModelDef(model)

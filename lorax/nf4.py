@@ -296,7 +296,9 @@ def quantize(x: jax.Array, *, blocksize: int = 64, quant_type: str = "nf4", doub
         An `Nf4Array` with x's shape and dtype. Runs under jit.
 
     Example:
-        >>> q = lorax.nf4.quantize(w, blocksize=64, double_quant=True)
+        >>> q = lorax.nf4.quantize(w, blocksize=64, double_quant=True)          # w: (64, 32) fp32
+        >>> q.packed.shape, q.absmax.dtype, q.nested_absmax.shape
+        ((1024,), dtype('uint8'), (1,))
         >>> w_hat = lorax.nf4.dequantize(q)
     """
     _check(x.dtype, math.prod(x.shape), blocksize, quant_type)
@@ -352,6 +354,8 @@ def dequantize(q: "Nf4Array", dtype=None) -> jax.Array:
 
     Example:
         >>> w_hat = lorax.nf4.dequantize(q, jnp.bfloat16)
+        >>> w_hat.shape, w_hat.dtype
+        ((64, 32), dtype(bfloat16))
     """
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     decode = functools.partial(_dequantize, dtype=dtype)
@@ -386,8 +390,9 @@ class Nf4Array(quax.ArrayValue):
     `UnsupportedOpError`. Gradients never reach the quantized fields.
 
     Example:
-        >>> q = lorax.nf4.quantize(w)                      # w: (in, out)
-        >>> y = quax.quaxify(lambda x, w: x @ w)(x, q)     # x @ dequantize(q)
+        >>> q = lorax.nf4.quantize(w)                                  # w: (in, out) = (64, 32)
+        >>> quax.quaxify(lambda x, w: x @ w)(jnp.ones((2, 64)), q).shape   # x @ dequantize(q)
+        (2, 32)
     """
 
     packed: jax.Array
@@ -585,8 +590,10 @@ class QuantConfig:
     BitsAndBytesConfig(load_in_4bit=True, ...) in lorax's words.
 
     Example:
-        >>> params = lorax.lora(params, config, key=key, quantize=QuantConfig("nf4", double_quant=True))
-        >>> params = lorax.lora(params, config, key=key, quantize="nf4")   # the defaults below
+        >>> qlora = lorax.lora(base, config, key=key, quantize=QuantConfig("nf4", double_quant=True))
+        >>> qlora = lorax.lora(base, config, key=key, quantize="nf4")   # the defaults below
+        >>> type(qlora["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"].w).__name__
+        'Nf4Array'
     """
 
     # "nf4" or "fp4" (bnb_4bit_quant_type).
@@ -604,7 +611,9 @@ class QuantConfig:
         leading index, and present it as (..., in, out) again (`transposed=True`).
 
         Example:
-            >>> q = QuantConfig(double_quant=True).quantize_kernel(params["fc"]["kernel"])
+            >>> q = QuantConfig(double_quant=True).quantize_kernel(w)     # w: (in, out) = (64, 32)
+            >>> q.shape, q.quant_shape, q.transposed
+            ((64, 32), (32, 64), True)
         """
         _check(kernel.dtype, kernel.size, self.blocksize, self.quant_type)
         one = functools.partial(_quantize, blocksize=self.blocksize, quant_type=self.quant_type,
@@ -619,7 +628,9 @@ def quantize_like(x: jax.Array, like: Nf4Array) -> Nf4Array:
     quantization, orientation and stacking.
 
     Example:
-        >>> w2 = quantize_like(w_hat + update, q)
+        >>> w2 = quantize_like(dequantize(q) + 0.01, q)
+        >>> (w2.shape, w2.blocksize, w2.double_quant) == (q.shape, q.blocksize, q.double_quant)
+        True
     """
     config = QuantConfig(like.quant_type, like.blocksize, like.double_quant)
     if like.transposed:

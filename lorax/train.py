@@ -2,10 +2,13 @@
 train step over the trainable half of a LoRA tree, and a `fit` loop with a progress bar,
 JSONL logs, a loss-curve PNG and resumable orbax checkpoints.
 
->>> trainable, frozen = lorax.partition(params)                                        # doctest: +SKIP
->>> state = TrainState.create(trainable, tx, jax.random.key(0))                         # doctest: +SKIP
->>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss)                        # doctest: +SKIP
->>> state, metrics = step(state, {"input_ids": ids, "attention_mask": mask})            # doctest: +SKIP
+>>> trainable, frozen = lorax.partition(params)
+>>> tx = default_tx(1e-3, total_steps=100)
+>>> state = TrainState.create(trainable, tx, jax.random.key(0))
+>>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss)
+>>> state, metrics = step(state, {"input_ids": input_ids, "attention_mask": jnp.ones_like(input_ids)})
+>>> sorted(metrics)
+['grad_norm', 'learning_rate', 'loss']
 """
 
 import dataclasses
@@ -54,6 +57,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
         >>> opt = lorax.optimizer(optax.adamw(1e-3), params)
         >>> trainable, frozen = lorax.partition(params)
         >>> opt_state = opt.init(trainable)
+        >>> grads = jax.tree_util.tree_map(jnp.ones_like, trainable)        # None (frozen) leaves stay None
         >>> updates, opt_state = opt.update(grads, opt_state, trainable)
     """
     if not any(jax.tree_util.tree_leaves(trainable_mask(params))):
@@ -127,8 +131,10 @@ def chunked_causal_lm_loss(hidden: jax.Array, logits_fn: Callable[[jax.Array], j
         The same scalar as `causal_lm_loss` (up to the order of the fp32 sum).
 
     Example:
-        >>> h = model.hidden_states(ids)                                            # doctest: +SKIP
-        >>> loss = chunked_causal_lm_loss(h, model.logits, {"input_ids": ids}, 64)  # doctest: +SKIP
+        >>> h = model.hidden_states(input_ids)                        # (1, 8, hidden), model: a Llama
+        >>> loss = chunked_causal_lm_loss(h, model.logits, {"input_ids": input_ids}, 4)
+        >>> bool(jnp.allclose(loss, causal_lm_loss(model(input_ids), {"input_ids": input_ids}), rtol=1e-5))
+        True
     """
     labels, weights = _next_tokens(batch)
     batch_size, positions = labels.shape
@@ -206,7 +212,9 @@ def make_train_step(model, frozen: Any, tx: optax.GradientTransformation, loss_f
     repeats it exactly.
 
     Example:
-        >>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=True, loss_chunk_size=64)  # doctest: +SKIP
+        >>> trainable, frozen = lorax.partition(params)
+        >>> tx = lorax.optimizer(optax.adamw(1e-3), params)
+        >>> step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=True, loss_chunk_size=4)
     """
     if loss_chunk_size is not None and loss_fn is not causal_lm_loss:
         raise LoraError(f"loss_chunk_size={loss_chunk_size} chunks causal_lm_loss only (got loss_fn={loss_fn!r}); "

@@ -118,8 +118,8 @@ def lora(
         modules_to_save leaves `TrainableArray`s, and every other leaf unchanged.
 
     Example:
-        >>> params = lora(params, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
-        >>> params = lora(params, config, key=key, quantize=lorax.nf4.QuantConfig("nf4", double_quant=True))
+        >>> params = lora(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
+        >>> qlora = lora(base, config, key=key, quantize=lorax.nf4.QuantConfig("nf4", double_quant=True))
     """
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
@@ -212,7 +212,10 @@ def merge(params: Any, *, requantize: bool = False) -> Any:
 
     Example:
         >>> merged = lorax.merge(params)   # same outputs, no adapter cost at inference
-        >>> small = lorax.merge(qlora_params, requantize=True)   # still 4-bit
+        >>> qlora = lorax.lora(base, config, key=key, quantize="nf4")
+        >>> small = lorax.merge(qlora, requantize=True)   # still 4-bit
+        >>> type(small["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]).__name__
+        'Nf4Array'
     """
     def merged(leaf):
         if isinstance(leaf, LoraArray):
@@ -252,7 +255,7 @@ def disable_adapters(params: Any) -> Any:
     originals (peft's `disable_adapter()`); trained biases stay as trained, as in peft.
 
     Example:
-        >>> base_out = lorax.apply(graphdef, lorax.disable_adapters(params), x)
+        >>> base_out = lorax.apply(graphdef, lorax.disable_adapters(params), input_ids)
     """
     def base(leaf):
         if isinstance(leaf, LoraArray):
@@ -267,7 +270,7 @@ def trainable_mask(params: Any) -> Any:
     False elsewhere. Works on partitioned trees too (None leaves stay None).
 
     Example:
-        >>> optax.masked(optax.adamw(1e-3), lorax.trainable_mask(params))
+        >>> tx = optax.masked(optax.adamw(1e-3), lorax.trainable_mask(params))
     """
     def mask(leaf):
         if is_adapter(leaf):
@@ -284,6 +287,8 @@ def partition(params: Any) -> tuple[Any, Any]:
 
     Example:
         >>> trainable, frozen = lorax.partition(params)
+        >>> def loss(params):
+        ...     return lorax.apply(graphdef, params, input_ids).sum()
         >>> grads = jax.grad(lambda t: loss(lorax.combine(t, frozen)))(trainable)
     """
     return eqx.partition(params, trainable_mask(params))
@@ -300,8 +305,8 @@ def count_parameters(params: Any) -> tuple[int, int]:
     packed bytes (the original size; peft's rule for bitsandbytes' Params4bit).
 
     Example:
-        >>> lorax.count_parameters(params)
-        (12660, 455262)
+        >>> lorax.count_parameters(params)   # r=8 on q_proj and v_proj of a 2-layer, hidden-32 Llama
+        (2048, 26784)
     """
     def base_size(w) -> int:
         return 2 * int(w.packed.size) if isinstance(w, Nf4Array) else int(w.size)

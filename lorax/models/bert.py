@@ -191,7 +191,10 @@ class BertForSequenceClassification(nnx.Module):
     transformers' BertForSequenceClassification: `model(input_ids, attention_mask=None,
     token_type_ids=None) -> logits (b, num_labels)`.
 
-    >>> model = BertForSequenceClassification.from_encoder(interop.from_pretrained(path), 2, rngs=nnx.Rngs(0))
+    >>> model = BertForSequenceClassification.from_encoder(interop.from_pretrained(path, progress=False), 2,
+    ...                                                    rngs=nnx.Rngs(0))
+    >>> model(jnp.array([[101, 7592, 102]])).shape
+    (1, 2)
     """
 
     def __init__(self, config: BertConfig, num_labels: int, *, rngs: nnx.Rngs):

@@ -6,8 +6,9 @@ backend cannot return bfloat16, and its flax backend would copy every tensor to 
 back. The format is an 8-byte header length, a JSON header, then raw little-endian bytes, so
 reading it here is short; every offset is checked so a truncated file is named, not misread.
 
->>> for name, array in read_tensors(folder):       # doctest: +SKIP
-...     print(name, array.shape, array.dtype)
+>>> name, array = next(read_tensors(path))                   # path: the all-MiniLM-L6-v2 folder
+>>> name, array.shape, array.dtype
+('embeddings.position_ids', (1, 512), dtype('int64'))
 """
 
 import json

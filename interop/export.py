@@ -1,8 +1,12 @@
 """Merged models out: plain (merged) params written back under transformers' names and layouts,
 with a config.json, so `AutoModelForCausalLM.from_pretrained(directory)` loads them.
 
->>> merged = lorax.merge(params)                                      # doctest: +SKIP
->>> interop.save_merged("out/merged", graphdef, merged)               # doctest: +SKIP
+>>> graphdef, base = lorax.split(interop.from_pretrained(path, progress=False))   # path: all-MiniLM-L6-v2
+>>> params = lorax.lora(base, lorax.LoraConfig(target_modules=["query", "value"]), key=key)
+>>> folder = getfixture("tmp_path") / "merged"
+>>> interop.save_merged(folder, graphdef, lorax.merge(params))    # transformers' from_pretrained(folder) loads it
+>>> sorted(path.name for path in folder.iterdir())
+['config.json', 'model.safetensors']
 """
 
 import json

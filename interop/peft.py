@@ -8,8 +8,11 @@ A peft LoRA adapter is a folder with `adapter_config.json` (peft's LoraConfig fi
 modules_to_save copies as `base_model.model.<module path>.weight`, and trained biases as
 `...<module path>.base_layer.bias` (adapted modules) or `...<module path>.bias`.
 
->>> interop.save_adapter("out/adapter", params, config)                   # doctest: +SKIP
->>> params = interop.load_adapter("out/adapter", base_params)              # doctest: +SKIP
+>>> folder = getfixture("tmp_path") / "adapter"
+>>> interop.save_adapter(folder, params, config)            # PeftModel.from_pretrained(torch_model, folder)
+>>> sorted(path.name for path in folder.iterdir())
+['adapter_config.json', 'adapter_model.safetensors']
+>>> params = interop.load_adapter(folder, base)             # also a folder written by peft
 """
 
 import json

@@ -13,8 +13,10 @@ torch, no bitsandbytes). The layers of a stacked kernel (`model.layers.*....kern
 Nf4Array whose array fields have a leading layer axis. Modules that transformers left
 unquantized (embeddings, lm_head, llm_int8_skip_modules) load as before.
 
->>> model = interop.from_pretrained("path/to/llama-bnb-4bit")          # doctest: +SKIP
->>> graphdef, params = lorax.split(model)      # q_proj kernels are Nf4Array  # doctest: +SKIP
+Usage (tests/test_bnb_checkpoint.py makes such a folder with transformers and bitsandbytes)::
+
+    model = interop.from_pretrained("path/to/llama-bnb-4bit")
+    graphdef, params = lorax.split(model)      # q_proj kernels are Nf4Array
 """
 
 import json

@@ -2,9 +2,9 @@
 batches split over both, and parameters (the frozen base, optionally the adapters) split
 FSDP-style along one dimension each. `jax.jit` then inserts the all-gathers and reductions.
 
->>> mesh = make_mesh(data=2, fsdp=4)                               # 8 devices          # doctest: +SKIP
->>> params = shard_params(params, mesh)                                                  # doctest: +SKIP
->>> batch = jax.device_put(batch, batch_sharding(mesh))                                 # doctest: +SKIP
+>>> mesh = make_mesh(data=1, fsdp=len(jax.devices()))       # on 8 devices e.g. make_mesh(data=2, fsdp=4)
+>>> params = shard_params(params, mesh)
+>>> batch = jax.device_put({"input_ids": input_ids}, batch_sharding(mesh))
 
 Many hosts: call `jax.distributed.initialize()` first on every host; `make_mesh` then spans
 all of `jax.devices()`, and each host feeds its own slice of the global batch (e.g. with

@@ -1,8 +1,9 @@
 """Greedy and sampled generation with a KV cache, for any causal LM of `lorax.models` and for
 LoRA trees (it runs through `lorax.apply`).
 
->>> graphdef, params = lorax.split(model)                                        # doctest: +SKIP
->>> tokens = generate(graphdef, params, prompt_ids, max_new_tokens=20)          # doctest: +SKIP
+>>> graphdef, params = lorax.split(model)                      # model: a Llama or GPT-2 (lorax.models)
+>>> generate(graphdef, params, input_ids, max_new_tokens=4).shape   # the prompt, then 4 new tokens
+(1, 12)
 """
 
 import functools

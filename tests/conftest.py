@@ -138,6 +138,9 @@ def peft_model_for(torch_model, **config):
     return peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config))
 
 
+# Scripts that tests run in a subprocess (with their own XLA flags); not test or doctest modules.
+collect_ignore = ["scripts"]
+
 @pytest.fixture(scope="session")
 def torch_mlp():
     torch.manual_seed(0)

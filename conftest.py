@@ -8,8 +8,17 @@ MLP with LoRA params `mlp_params` and inputs `x`; `path` is the real all-MiniLM-
 """
 
 import functools
+import os
 
 import pytest
+
+# The suite is dominated by XLA compiling many small programs, most of that time in LLVM's
+# optimizer. Tests run the same HLO with LLVM at -O0: about a third faster, and floats are
+# rounded the same (XLA:CPU does not enable fast-math at any level). The NF4 bit-exactness
+# tests are also run at the default level, in a subprocess (tests/test_nf4.py).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if not os.environ.get("LORAX_TEST_DEFAULT_XLA"):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 
 @functools.cache

@@ -3,6 +3,9 @@ for NF4/FP4, with and without double quantization; error bounds; jit; QLoRA; the
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
@@ -85,6 +88,19 @@ def test_bit_exact_with_bitsandbytes(quant_type, double_quant, dtype, blocksize,
     ours = nf4.dequantize(q)
     assert ours.shape == shape and ours.dtype == dtype
     np.testing.assert_array_equal(np.asarray(ours.astype(jnp.float32)), theirs.float().numpy().reshape(shape))
+
+
+def test_bit_exact_at_xla_default_optimization():
+    """The suite compiles with LLVM at -O0 (conftest.py); the bitsandbytes bit-exactness tests run
+    again at XLA's default level, where LLVM may contract multiply-adds, in a fresh interpreter."""
+    env = {**os.environ, "LORAX_TEST_DEFAULT_XLA": "1",
+           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")}
+    # Every (quant_type, double_quant, dtype) at blocksize 64, and the rounding-boundary tests.
+    selected = "(bit_exact_with and 64) or rounds_like_bnb or double_quant_codes"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 @pytest.mark.parametrize("quant_type", nf4.QUANT_TYPES)

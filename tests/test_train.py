@@ -158,9 +158,10 @@ def qlora_llama():
     return graphdef, params, batch
 
 
-def test_remat_and_chunked_loss_give_the_plain_step():
-    """remat (checkpointed layer scan) and loss_chunk_size (head + loss a few positions at a time)
-    change memory, not the step: same loss, same gradients (SGD with rate 1 writes them out)."""
+def test_remat_and_chunked_loss_give_the_plain_step(monkeypatch):
+    """remat (checkpointed layer scan), loss_chunk_size (head + loss a few positions at a time)
+    and 4-bit weights dequantized a block at a time change memory, not the step: same loss,
+    same gradients (SGD with rate 1 writes them out) as the plain step."""
     from lorax.train import TrainState, causal_lm_loss, make_train_step
 
     graphdef, params, batch = qlora_llama()
@@ -168,6 +169,8 @@ def test_remat_and_chunked_loss_give_the_plain_step():
     tx = lorax.optimizer(optax.sgd(1.0), params)
     results = {}
     for remat, chunk in ((False, None), (True, None), (True, 3)):
+        if remat:  # the (64, 32) and (32, 64) 4-bit kernels in blocks of 16 output features or fewer
+            monkeypatch.setattr(lorax.nf4, "DENSE_BLOCK_ELEMENTS", 512)
         step = make_train_step(graphdef, frozen, tx, causal_lm_loss, remat=remat, loss_chunk_size=chunk)
         state = TrainState.create(jax.tree_util.tree_map(jnp.copy, trainable), tx, jax.random.key(0))
         new_state, metrics = step(state, batch)

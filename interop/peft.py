@@ -30,7 +30,7 @@ from interop.checkpoint import CheckpointError, read_safetensors
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
-from lorax.targets import dotted, modules
+from lorax.targets import dotted, leaves_by_path, modules
 from lorax.transform import lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,17 +72,17 @@ def adapter_state(params: Any) -> dict[str, np.ndarray]:
     """The tensors peft saves for these params, by peft's names, in their dtypes."""
     tensors = {}
     lora_modules = set()
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+    for path, leaf in leaves_by_path(params):
         if isinstance(leaf, LoraArray):
-            embedding = dotted(keypath).endswith(".embedding")
+            embedding = path.endswith(".embedding")
             for path, a, b in _module_factors(leaf):
                 lora_modules.add(path)
                 names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
                 tensors[f"{PREFIX}{path}.{names[0]}"] = np.ascontiguousarray(a.T)
                 tensors[f"{PREFIX}{path}.{names[1]}"] = np.ascontiguousarray(b.T)
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
+    for path, leaf in leaves_by_path(params):
         if isinstance(leaf, TrainableArray):
-            module, _, name = dotted(keypath).rpartition(".")
+            module, _, name = path.rpartition(".")
             if "*" in module:
                 raise LoraError(f"{module}.{name}: trained leaves of stacked layers cannot be written in peft's format yet")
             torch_leaf, transpose = _torch_name(module, name)
@@ -104,9 +104,8 @@ def tied_head_state(params: Any, config: LoraConfig) -> dict[str, np.ndarray]:
         return isinstance(leaf, (LoraArray, TrainableArray)) and leaf.ensure_weight_tying
 
     tensors = {}
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
-        module, _, name = dotted(keypath).rpartition(".")
-        if name != "embedding" or not leaf_ties(leaf):
+    for path, leaf in leaves_by_path(params):
+        if not path.endswith(".embedding") or not leaf_ties(leaf):
             continue
         if isinstance(leaf, LoraArray):
             tensors[f"{PREFIX}{TIED_HEAD}.lora_A.weight"] = np.ascontiguousarray(np.asarray(leaf.b))
@@ -116,15 +115,11 @@ def tied_head_state(params: Any, config: LoraConfig) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _embedding_bases(params: Any) -> dict[str, str]:
+def _embedding_bases(params: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
     """peft's name for the base table of each adapted embedding (peft saves it beside the adapter,
-    save_embedding_layers) -> our dotted leaf path."""
-    found = {}
-    for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]:
-        path = dotted(keypath)
-        if isinstance(leaf, LoraArray) and path.endswith(".embedding") and leaf.ranks is None:
-            found[f"{PREFIX}{leaf.path}.base_layer.weight"] = path
-    return found
+    save_embedding_layers) -> (our dotted leaf path, the table's shape)."""
+    return {f"{PREFIX}{leaf.path}.base_layer.weight": (path, leaf.w.shape) for path, leaf in leaves_by_path(params)
+            if isinstance(leaf, LoraArray) and path.endswith(".embedding") and leaf.ranks is None}
 
 
 def adapter_config(config: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -235,22 +230,19 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
             + (f"; missing: {listing(missing)}" if missing else "")
             + (f"; unexpected: {listing(unexpected)}" if unexpected else "")
         )
-    base_tables = {bases[name]: tensors[name] for name in bases if name in tensors}
-    for name, value in [*expected.items(), *((n, _leaf_at(params, p).w) for n, p in bases.items() if n in tensors)]:
-        if tuple(tensors[name].shape) != value.shape:
+    shapes = {name: value.shape for name, value in expected.items()}
+    shapes |= {name: shape for name, (_, shape) in bases.items() if name in tensors}
+    for name, shape in shapes.items():
+        if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{weights}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the base model "
-                                  f"needs {value.shape} (an adapter for another model?)")
-    params = _fill(params, tensors, base_tables)
+                                  f"needs {shape} (an adapter for another model?)")
+    params = _fill(params, tensors, {path: tensors[name] for name, (path, _) in bases.items() if name in tensors})
     for name, value in tied_head_state(params, config).items():
         if name in tensors and not np.array_equal(tensors[name], value.astype(tensors[name].dtype)):
             raise CheckpointError(f"{weights}: {name!r} should be tied to the input embeddings "
                                   "(ensure_weight_tying=true) but differs from them")
     return params
 
-
-def _leaf_at(params: Any, path: str) -> Any:
-    return next(leaf for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapter)[0]
-                if dotted(keypath) == path)
 
 
 def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np.ndarray]) -> Any:

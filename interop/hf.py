@@ -4,8 +4,9 @@ same parameter names, without building the torch model.
 Our parameter paths are transformers' module names, so the mapping is mechanical: a kernel
 `model.layers.*.self_attn.q_proj.kernel` (stacked, (layers, in, out)) is filled from the tensors
 `model.layers.{i}.self_attn.q_proj.weight` (out, in), transposed; `embedding` and norm `weight`s
-are copied as they are. Tensors stream one at a time into arrays allocated once, so memory
-stays near the size of the result.
+are copied as they are. Files are memory-mapped; every tensor's name and shape is checked
+first, then each is copied once into arrays allocated once (in tiles, on a few threads:
+interop/layout_copy.py), so memory stays near the size of the result.
 
 >>> model = interop.from_pretrained(path, progress=False)       # path: the all-MiniLM-L6-v2 folder
 >>> graphdef, params = lorax.split(model)
@@ -30,6 +31,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from interop.checkpoint import CheckpointError, count_tensors, read_tensors
+from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import listing
 from lorax.models import (
@@ -216,7 +218,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     arrays = jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract)
     four_bit = QuantizedWeights(names) if quantized else None
 
-    filled, unexpected = set(), []
+    filled, unexpected, copies = set(), [], []
     tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
                    disable=not progress, leave=False)
     for name, tensor in tensors:
@@ -231,12 +233,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         if tuple(tensor.shape) != slot.shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
                                   f"(config.json and the weights disagree)")
-        value = tensor.T if slot.transpose else tensor
         target = _leaf(arrays, slot.leaf)
-        if slot.layer is None:
-            target[...] = value
-        else:
-            target[slot.layer] = value
+        copies.append(Copy(target if slot.layer is None else target[slot.layer], tensor, slot.transpose))
         filled.add(key)
     if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
         quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots))
@@ -249,6 +247,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             + (f"missing tensors: {listing(missing)}. " if missing else "")
             + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
         )
+    # Every tensor is checked before any is copied; the copy is most of the load time.
+    copy_all(copies, progress=progress, desc=f"copying {folder.name}")
     # The arrays were allocated here and nothing else holds them: JAX may use their memory as is
     # (on CPU this skips a full copy of the model).
     model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays))

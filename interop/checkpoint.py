@@ -1,5 +1,6 @@
-"""Reading checkpoint files tensor by tensor: safetensors (single or sharded with an index) and
-PyTorch `.bin` (only with `torch.load(weights_only=True)`).
+"""Checkpoint files: reading tensor by tensor from safetensors (single or sharded with an index)
+and PyTorch `.bin` (only with `torch.load(weights_only=True)`); writing a set of files so that an
+interrupted save leaves the previous ones whole (`atomic_write`).
 
 safetensors files are memory-mapped and read with numpy: the `safetensors` package's numpy
 backend cannot return bfloat16, and its flax backend would copy every tensor to the device and
@@ -14,7 +15,8 @@ reading it here is short; every offset is checked so a truncated file is named, 
 import json
 import os
 import struct
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -121,3 +123,28 @@ def count_tensors(folder: str | os.PathLike) -> int | None:
             return None  # read_tensors will name the bad file
         total += len(header) - ("__metadata__" in header)
     return total
+
+
+def atomic_write(folder: Path, files: dict[str, bytes | Callable[[str], None]]) -> None:
+    """Write every file to a temporary name in `folder` first, then rename each into place: an
+    interrupted save leaves the previous files whole. A file's content is bytes, or a function that
+    writes the file at the path it is given (so that large files are produced one at a time).
+
+    >>> atomic_write(getfixture("tmp_path"), {"a.txt": b"1", "b.txt": lambda p: Path(p).write_text("2")})
+    """
+    temporary = {}
+    try:
+        for name, content in files.items():
+            handle, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+            os.close(handle)
+            temporary[name] = path
+            if callable(content):
+                content(path)
+            else:
+                Path(path).write_bytes(content)
+        for name, path in temporary.items():
+            os.replace(path, folder / name)
+    finally:
+        for path in temporary.values():
+            if os.path.exists(path):
+                os.remove(path)

@@ -9,6 +9,7 @@ with a config.json, so `AutoModelForCausalLM.from_pretrained(directory)` loads t
 ['config.json', 'model.safetensors']
 """
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -18,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from interop.checkpoint import atomic_write
 from interop.hf import architecture_for, checkpoint_slots
-from interop.peft import _atomic_write
+from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
 from lorax.errors import LoraError
 
@@ -27,40 +29,24 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def _hf_tensors(graphdef, params) -> tuple[dict[str, np.ndarray], dict]:
-    """(transformers name -> array in torch layout, the model's config.json dict)."""
-    model = graphdef.module(params)
-    config_json = getattr(model, "hf_config_json", None)
-    if config_json is None:
-        raise LoraError("save_merged needs the model's Hugging Face config: load the model with "
-                        "interop.from_pretrained (it remembers config.json)")
-    slots = checkpoint_slots(params, architecture_for(model))
-    tensors = {}
-    for name, slot in slots.items():
-        value = params
-        for key in slot.leaf:
-            value = value[key]
-        value = np.asarray(value if slot.layer is None else value[slot.layer])
-        tensors[name] = np.ascontiguousarray(value.T if slot.transpose else value)
-    return tensors, json.loads(config_json)
-
-
-def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[str, np.ndarray]]:
-    shards, current, size = [], {}, 0
-    for name, value in tensors.items():
-        if current and size + value.nbytes > max_shard_bytes:
+def _shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names grouped, in order, into shards of at most `max_shard_bytes` (a larger tensor alone)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in sizes.items():
+        if current and size + nbytes > max_shard_bytes:
             shards.append(current)
-            current, size = {}, 0
-        current[name] = value
-        size += value.nbytes
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
     return shards + [current]
 
 
 def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: Any = None,
-                max_shard_size: int = 5 * 2**30) -> None:
+                max_shard_size: int = 5 * 2**30, progress: bool = True) -> None:
     """Write merged params as a transformers checkpoint: config.json + model.safetensors (or shards
-    with model.safetensors.index.json above `max_shard_size` bytes). Files are written under
-    temporary names and renamed into place.
+    with model.safetensors.index.json above `max_shard_size` bytes). Shards are produced one at a
+    time (memory grows by one shard, not by the model), written under temporary names, and renamed
+    into place once all are written.
 
     Args:
         directory: output folder (created if needed).
@@ -68,31 +54,60 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         params: plain arrays, e.g. `lorax.merge(params)` (adapters must be merged first).
         dtype: dtype of the written tensors (default: as they are); recorded in config.json.
         max_shard_size: shard size limit in bytes.
+        progress: show a tqdm bar while each shard's tensors are copied.
     """
-    from safetensors.flax import save
+    from safetensors.numpy import save_file
 
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params still hold adapters: pass lorax.merge(params) to save_merged")
-    tensors, config = _hf_tensors(graphdef, params)
-    if dtype is not None:
-        tensors = {name: value.astype(jnp.dtype(dtype)) for name, value in tensors.items()}
-    written_dtype = str(next(iter(tensors.values())).dtype)
-    config["dtype"] = config["torch_dtype"] = written_dtype
+    model = graphdef.module(params)
+    config_json = getattr(model, "hf_config_json", None)
+    if config_json is None:
+        raise LoraError("save_merged needs the model's Hugging Face config: load the model with "
+                        "interop.from_pretrained (it remembers config.json)")
+    slots = checkpoint_slots(params, architecture_for(model))
+
+    def leaf(keys: tuple):
+        value = params
+        for key in keys:
+            value = value[key]
+        return value
+
+    dtypes = {name: np.dtype(jnp.dtype(dtype) if dtype is not None else leaf(slot.leaf).dtype) for name, slot in slots.items()}
+    sizes = {name: dtypes[name].itemsize * int(np.prod(slot.shape)) for name, slot in slots.items()}
+    shards = _shards(sizes, max_shard_size)
+
+    # Slots of one stacked leaf come one after another: keep only the current leaf on the host.
+    host = functools.lru_cache(maxsize=1)(lambda keys: np.asarray(leaf(keys)))
+
+    def writer(names: list[str], label: str):
+        def write(path: str):
+            tensors, copies = {}, []
+            for name in names:
+                slot = slots[name]
+                value = host(slot.leaf)
+                tensors[name] = np.empty(slot.shape, dtypes[name])
+                copies.append(Copy(tensors[name], value if slot.layer is None else value[slot.layer], slot.transpose))
+            copy_all(copies, progress=progress, desc=f"writing {label}")
+            save_file(tensors, path, metadata={"format": "pt"})
+        return write
+
+    config = json.loads(config_json)
+    config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    shards = _shards(tensors, max_shard_size)
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
     if len(shards) == 1:
-        files[WEIGHTS] = save({k: jnp.asarray(v) for k, v in shards[0].items()}, metadata={"format": "pt"})
+        files[WEIGHTS] = writer(shards[0], WEIGHTS)
     else:
         weight_map = {}
-        for number, shard in enumerate(shards, 1):
+        for number, names in enumerate(shards, 1):
             name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            files[name] = save({k: jnp.asarray(v) for k, v in shard.items()}, metadata={"format": "pt"})
-            weight_map.update({tensor: name for tensor in shard})
-        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+            files[name] = writer(names, name)
+            weight_map.update(dict.fromkeys(names, name))
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         files[INDEX] = json.dumps(index, indent=2, sort_keys=True).encode()
     stale = [name for name in (WEIGHTS, INDEX) if (folder / name).exists() and name not in files]
-    _atomic_write(folder, files)
+    atomic_write(folder, files)
     for name in stale:  # a previous single-file or sharded save that would shadow this one
         os.remove(folder / name)

@@ -17,7 +17,6 @@ modules_to_save copies as `base_model.model.<module path>.weight`, and trained b
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import CheckpointError, read_safetensors
+from interop.checkpoint import CheckpointError, atomic_write, read_safetensors
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
@@ -130,29 +129,11 @@ def adapter_config(config: LoraConfig, base_model_name_or_path: str | None = Non
     return {**PEFT_BOOKKEEPING, **fields, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
 
 
-def _atomic_write(folder: Path, files: dict[str, bytes]) -> None:
-    """Write every file to a temporary name in the folder first, then rename each into place:
-    an interrupted save leaves the previous adapter's files whole."""
-    temporary = {}
-    try:
-        for name, data in files.items():
-            handle, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-            temporary[name] = path
-        for name, path in temporary.items():
-            os.replace(path, folder / name)
-    finally:
-        for path in temporary.values():
-            if os.path.exists(path):
-                os.remove(path)
-
-
 def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
-    from safetensors.flax import save
+    from safetensors.numpy import save
 
-    # The flax backend writes bfloat16 too (numpy's backend cannot).
-    return save({name: jnp.asarray(value) for name, value in tensors.items()}, metadata={"format": "pt"})
+    # bfloat16 arrays (ml_dtypes) are written as BF16.
+    return save({name: np.ascontiguousarray(value) for name, value in tensors.items()}, metadata={"format": "pt"})
 
 
 def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
@@ -172,7 +153,7 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
         raise LoraError("params hold no adapters to save: call lorax.lora(params, config, key=...) first")
     tensors |= tied_head_state(params, config)
     config_json = json.dumps(adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
-    _atomic_write(folder, {ADAPTER_WEIGHTS: _safetensors_bytes(tensors), ADAPTER_CONFIG: config_json.encode()})
+    atomic_write(folder, {ADAPTER_WEIGHTS: _safetensors_bytes(tensors), ADAPTER_CONFIG: config_json.encode()})
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:

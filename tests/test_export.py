@@ -60,3 +60,31 @@ def test_save_merged_dtype_and_errors(tmp_path):
     interop.save_merged(tmp_path / "bf16", graphdef, lorax.merge(params), dtype=jnp.bfloat16)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def test_interrupted_sharded_save_keeps_the_previous_one(tmp_path, monkeypatch):
+    # Shards are written one at a time; a failure while writing the second one leaves the
+    # previous save as it was and no temporary files behind.
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    interop.save_merged(tmp_path / "out", graphdef, base, max_shard_size=60_000, progress=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert len(before) > 3  # config, index, several shards
+
+    import safetensors.numpy
+
+    written = []
+
+    def save_file(tensors, path, metadata=None):
+        if written:
+            raise KeyboardInterrupt("killed while writing the second shard")
+        written.append(path)
+        original(tensors, path, metadata=metadata)
+
+    original = safetensors.numpy.save_file
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+    with pytest.raises(KeyboardInterrupt):
+        interop.save_merged(tmp_path / "out", graphdef, jax.tree_util.tree_map(lambda x: x + 1, base),
+                            max_shard_size=60_000, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

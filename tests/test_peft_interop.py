@@ -149,12 +149,12 @@ def test_interrupted_save_keeps_the_previous_adapter(torch_mlp, tmp_path, monkey
     interop.save_adapter(tmp_path, first, config)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
-    import interop.peft as peft_module
+    import interop.checkpoint as checkpoint_module
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed after writing the new files, before renaming them")
 
-    monkeypatch.setattr(peft_module.os, "replace", killed)
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         interop.save_adapter(tmp_path, adapted(base, dict(r=3, target_modules=["seq.0"]), seed=5), config)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

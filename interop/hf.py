@@ -37,6 +37,7 @@ from lorax.errors import listing
 from lorax.models import (
     STACK,
     BertConfig,
+    BertForSequenceClassification,
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -83,6 +84,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
     "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),
+    "BertForSequenceClassification": Architecture(BertConfig, BertForSequenceClassification, ignored=BERT_BUFFERS,
+                                                  checkpoint_overrides=_bert_pooler),
 }
 
 

@@ -13,6 +13,7 @@ import peft
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file
 
 import interop
@@ -197,3 +198,45 @@ def test_adapter_and_merged_exports_load_in_torch(saved, tmp_path):
             theirs = torch_model(ids, attention_mask=mask, token_type_ids=token_types)
         np.testing.assert_allclose(theirs.last_hidden_state.numpy()[real], hidden[real], atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(theirs.pooler_output.numpy(), pooled, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("save", ["safetensors", "bin"])
+def test_sequence_classification_checkpoint_loads(save, tmp_path):
+    """A BertForSequenceClassification folder (three labels in id2label) loads as ours: logits
+    equal transformers', with padding and token types."""
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, num_labels=3)).eval()
+    model.save_pretrained(tmp_path, **SAVES[save])
+    loaded = interop.from_pretrained(tmp_path, progress=False)
+    assert isinstance(loaded, lorax.models.BertForSequenceClassification)
+    ids, token_types, mask = inputs()
+    with torch.no_grad():
+        theirs = model(ids, attention_mask=mask, token_type_ids=token_types).logits.numpy()
+    ours = apply(*lorax.split(loaded), *(jnp.asarray(a.numpy()) for a in (ids, mask, token_types)))
+    assert ours.shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_new_head_on_loaded_encoder_merges_into_a_transformers_classifier(saved, tmp_path):
+    """The main demo's path: a loaded encoder, a new head (from_encoder), LoRA + modules_to_save,
+    merged and saved: transformers' AutoModelForSequenceClassification loads it with our logits, and
+    from_pretrained reads it back as a classifier."""
+    _, folder = saved
+    encoder = interop.from_pretrained(folder, progress=False)
+    model = lorax.models.BertForSequenceClassification.from_encoder(encoder, num_labels=4, rngs=nnx.Rngs(0))
+    graphdef, base = lorax.split(model)
+    config = lorax.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
+                              init_lora_weights=False)
+    params = lorax.lora(base, config, key=jax.random.key(2))
+    ids, token_types, mask = inputs()
+    arrays = [jnp.asarray(a.numpy()) for a in (ids, mask, token_types)]
+    ours = np.asarray(apply(graphdef, params, *arrays))
+
+    interop.save_merged(tmp_path / "merged", graphdef, lorax.merge(params), progress=False)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert type(theirs) is transformers.BertForSequenceClassification and theirs.config.num_labels == 4
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(ids, attention_mask=mask, token_type_ids=token_types).logits.numpy(), ours,
+                                   atol=1e-4, rtol=1e-4)
+    again = interop.from_pretrained(tmp_path / "merged", progress=False)
+    np.testing.assert_allclose(np.asarray(apply(*lorax.split(again), *arrays)), ours, atol=1e-5, rtol=1e-5)

@@ -13,6 +13,7 @@ reads it from the tensor names). all-MiniLM-L6-v2 is this model with a pooler.
 """
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -38,6 +39,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     add_pooling_layer: bool = True
+    num_labels: int = 2  # BertForSequenceClassification's outputs (config.json: the size of id2label)
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -56,6 +58,8 @@ class BertConfig:
         activation(hf.get("hidden_act", "gelu"))  # an unsupported activation fails here, by name
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in fields and k != "dtype"}
+        if hf.get("id2label"):  # what transformers' num_labels reads
+            values["num_labels"] = len(hf["id2label"])
         return cls(**{**values, **overrides})
 
 
@@ -185,6 +189,21 @@ class BertModel(nnx.Module):
         return BaseModelOutputWithPooling(h, pooled)
 
 
+def _classifier(config: BertConfig, num_labels: int, rngs: nnx.Rngs) -> nnx.Linear:
+    # transformers initialises the head with N(0, 0.02) (initializer_range) and a zero bias.
+    return nnx.Linear(config.hidden_size, num_labels, dtype=config.dtype, param_dtype=config.param_dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def _classification_config_json(encoder_json: str, num_labels: int) -> str:
+    config = json.loads(encoder_json)
+    config["architectures"] = ["BertForSequenceClassification"]
+    if len(config.get("id2label") or {}) != num_labels:
+        config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    return json.dumps(config, sort_keys=True)
+
+
 class BertForSequenceClassification(nnx.Module):
     """BERT with a classification head on the pooled [CLS] output, named as transformers names it
     (`bert.*`, `classifier`), so a peft adapter with `modules_to_save=["classifier"]` fits
@@ -197,23 +216,23 @@ class BertForSequenceClassification(nnx.Module):
     (1, 2)
     """
 
-    def __init__(self, config: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, num_labels: int | None = None, *, rngs: nnx.Rngs):
         if not config.add_pooling_layer:
             raise NotImplementedError("sequence classification uses the pooler; this BERT has none")
         self.bert = BertModel(config, rngs=rngs)
-        # transformers initialises the head with N(0, 0.02) (initializer_range) and a zero bias.
-        self.classifier = nnx.Linear(config.hidden_size, num_labels, dtype=config.dtype, param_dtype=config.param_dtype,
-                                     kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.classifier = _classifier(config, num_labels or config.num_labels, rngs)
 
     @classmethod
     def from_encoder(cls, encoder: BertModel, num_labels: int, *, rngs: nnx.Rngs) -> "BertForSequenceClassification":
-        """A new head on a loaded encoder (e.g. from interop.from_pretrained)."""
+        """A new head on a loaded encoder (e.g. from interop.from_pretrained). An encoder loaded by
+        interop.from_pretrained passes on its config.json, made a BertForSequenceClassification's
+        (architectures, id2label), so that interop.save_merged writes a checkpoint that
+        transformers' AutoModelForSequenceClassification loads."""
         model = nnx.eval_shape(lambda: cls(encoder.config, num_labels, rngs=nnx.Rngs(0)))
         model.bert = encoder
-        config = encoder.config
-        model.classifier = nnx.Linear(config.hidden_size, num_labels, dtype=config.dtype,
-                                      param_dtype=config.param_dtype,
-                                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        model.classifier = _classifier(encoder.config, num_labels, rngs)
+        if getattr(encoder, "hf_config_json", None) is not None:
+            model.hf_config_json = _classification_config_json(encoder.hf_config_json, num_labels)
         return model
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):

@@ -28,12 +28,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from interop.checkpoint import CheckpointError, count_tensors, read_tensors
 from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import listing
+from lorax.sharding import param_shardings
 from lorax.models import (
     STACK,
     BertConfig,
@@ -185,7 +187,7 @@ def abstract_model(model_class: type, config) -> tuple[nnx.GraphDef, dict]:
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
-                    progress: bool = True) -> nnx.Module:
+                    progress: bool = True, mesh: Mesh | None = None) -> nnx.Module:
     """Load a local Hugging Face model folder as our NNX model.
 
     Args:
@@ -194,6 +196,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         dtype: the compute dtype (float32 or bfloat16).
         param_dtype: the stored parameter dtype; defaults to `dtype`.
         progress: show a tqdm bar while tensors stream in.
+        mesh: place the parameters on this mesh (`lorax.sharding.make_mesh`), FSDP-sharded as
+            `lorax.sharding.param_shardings` shards them: each device receives only its slices,
+            so a model larger than one device's memory loads. Default: the default device.
 
     Returns:
         The model (e.g. `LlamaForCausalLM`), its parameters loaded. A checkpoint saved by
@@ -252,9 +257,13 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         )
     # Every tensor is checked before any is copied; the copy is most of the load time.
     copy_all(copies, progress=progress, desc=f"copying {folder.name}")
-    # The arrays were allocated here and nothing else holds them: JAX may use their memory as is
-    # (on CPU this skips a full copy of the model).
-    model = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays))
+    if mesh is not None:
+        placed = jax.device_put(arrays, param_shardings(arrays, mesh))
+    else:
+        # The arrays were allocated here and nothing else holds them: JAX may use their memory as is
+        # (on CPU this skips a full copy of the model).
+        placed = jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=True), arrays)
+    model = nnx.merge(graphdef, placed)
     # Kept (as a string: static and hashable) so that save_merged can write a config.json transformers reads.
     model.hf_config_json = json.dumps(hf_config, sort_keys=True)
     return model

@@ -1,5 +1,6 @@
 """Sharded training on 8 forced CPU devices equals single-device training (dp=8, fsdp=8, dp=2 x fsdp=4),
-for LoRA, and for QLoRA on dp=2 x fsdp=4 (4-bit bases sharded in their packed form).
+for LoRA, and for QLoRA on dp=2 x fsdp=4 (4-bit bases sharded in their packed form); a checkpoint
+loads straight onto a mesh.
 
 XLA's device count is fixed when jax starts, so the check runs in a fresh interpreter."""
 
@@ -18,4 +19,4 @@ def test_sharded_step_equals_single_device():
     lines = result.stdout.strip().splitlines()
     meshes = ["data=8 fsdp=1 shard_adapters=False", "data=1 fsdp=8 shard_adapters=False",
               "data=2 fsdp=4 shard_adapters=True"]
-    assert [line.split(":")[0] for line in lines] == meshes + [f"QLoRA {meshes[2]}"]
+    assert [line.split(":")[0] for line in lines] == meshes + [f"QLoRA {meshes[2]}", "from_pretrained data=2 fsdp=4"]

@@ -1,6 +1,7 @@
 """Run with XLA_FLAGS=--xla_force_host_platform_device_count=8: a LoRA train step on a
 (data, fsdp) mesh equals the same step on one device, and so does a QLoRA step whose NF4 bases
-are sharded in their packed form. Prints one line per mesh."""
+are sharded in their packed form, and interop.from_pretrained(..., mesh=) loads onto a mesh.
+Prints one line per check."""
 
 import sys
 
@@ -82,4 +83,28 @@ for data, fsdp, shard_adapters in MESHES[2:]:
     assert shards == expected, (shards, expected)
     print(f"QLoRA data={data} fsdp={fsdp} shard_adapters={shard_adapters}: equal to one device; "
           f"packed 4-bit shards {sorted(shards)}")
+# Loading straight onto a mesh: every device receives its slices only, and the model is the one
+# from_pretrained gives on one device.
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import interop  # noqa: E402
+
+with tempfile.TemporaryDirectory() as folder:
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(folder)
+    mesh = make_mesh(data=2, fsdp=4)
+    graphdef, sharded = lorax.split(interop.from_pretrained(folder, progress=False, mesh=mesh))
+    _, plain = lorax.split(interop.from_pretrained(folder, progress=False))
+kernel = sharded["model"]["layers"]["*"]["mlp"]["up_proj"]["kernel"]
+shards = {shard.data.shape for shard in kernel.addressable_shards}
+assert shards == {(2, 64, 128 // 4)}, shards
+assert kernel.sharding == shard_params(plain, mesh)["model"]["layers"]["*"]["mlp"]["up_proj"]["kernel"].sharding
+jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, plain)
+np.testing.assert_allclose(lorax.apply(graphdef, sharded, ids), lorax.apply(graphdef, plain, ids), rtol=1e-5, atol=1e-5)
+print(f"from_pretrained data=2 fsdp=4: equal to one device; kernel shards {sorted(shards)}")
 sys.exit(0)

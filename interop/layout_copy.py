@@ -42,9 +42,13 @@ class Copy:
 
 def _transpose_into(dst: np.ndarray, src: np.ndarray):
     rows, columns = src.shape
+    # A dtype change (fp32 checkpoint, bf16 model) is made on the contiguous tile: casting the
+    # transposed view is 3x slower (numpy buffers strided casts).
+    convert = dst.dtype != src.dtype
     for r in range(0, rows, TILE_ROWS):
         for c in range(0, columns, TILE_COLUMNS):
-            dst[c:c + TILE_COLUMNS, r:r + TILE_ROWS] = src[r:r + TILE_ROWS, c:c + TILE_COLUMNS].T
+            tile = src[r:r + TILE_ROWS, c:c + TILE_COLUMNS]
+            dst[c:c + TILE_COLUMNS, r:r + TILE_ROWS] = (tile.astype(dst.dtype) if convert else tile).T
 
 
 def _pieces(copy: Copy) -> list[Copy]:

@@ -9,6 +9,9 @@
 4. Saves the adapter in peft's format; when torch, transformers and peft are installed, loads
    it with `PeftModel.from_pretrained` on transformers' BertForSequenceClassification and shows
    that both predict the same labels.
+5. Merges the adapter into the weights and saves a plain transformers checkpoint
+   (`interop.save_merged`), which `AutoModelForSequenceClassification` loads with the same
+   predictions again.
 
     python examples/finetune_minilm.py            # about a minute on 2 CPU cores
 """
@@ -107,7 +110,13 @@ def main():
     out = Path(tempfile.mkdtemp()) / "minilm-sentiment-lora"
     interop.save_adapter(out, params, config, base_model_name_or_path=str(folder))
     print(f"peft adapter written to {out}: {sorted(p.name for p in out.iterdir())}")
-    compare_with_peft(out, folder, test, np.asarray(predict_with(state.trainable)(test)))
+    ours = np.asarray(predict_with(state.trainable)(test))
+    compare_with_peft(out, folder, test, ours)
+
+    merged = out.with_name("minilm-sentiment-merged")
+    interop.save_merged(merged, graphdef, lorax.merge(params))
+    print(f"merged model written to {merged}: {sorted(p.name for p in merged.iterdir())}")
+    compare_with_transformers(merged, test, ours)
 
 
 def compare_with_peft(adapter: Path, folder: Path, test: dict, ours: np.ndarray) -> None:
@@ -127,6 +136,23 @@ def compare_with_peft(adapter: Path, folder: Path, test: dict, ours: np.ndarray)
     theirs = logits.argmax(-1).numpy()
     print(f"PeftModel (torch) predictions equal ours on {int((theirs == ours).sum())}/{len(ours)} held-out reviews; "
           f"its accuracy: {float((theirs == test['labels']).mean()):.3f}")
+
+
+def compare_with_transformers(merged: Path, test: dict, ours: np.ndarray) -> None:
+    """transformers' own classifier from the merged folder: same predictions."""
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        print("torch/transformers are not installed: skipping the merged-model comparison")
+        return
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(test["input_ids"]).long(),
+                    attention_mask=torch.tensor(test["attention_mask"]).long()).logits
+    theirs = logits.argmax(-1).numpy()
+    print(f"transformers {type(hf).__name__} (merged) predictions equal ours on "
+          f"{int((theirs == ours).sum())}/{len(ours)} held-out reviews")
 
 
 if __name__ == "__main__":

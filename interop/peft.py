@@ -17,6 +17,7 @@ modules_to_save copies as `base_model.model.<module path>.weight`, and trained b
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from interop.checkpoint import CheckpointError, atomic_write, read_safetensors
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
-from lorax.targets import dotted, leaves_by_path, modules
+from lorax.targets import STACK, dotted, leaves_by_path, modules
 from lorax.transform import lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,14 +82,27 @@ def adapter_state(params: Any) -> dict[str, np.ndarray]:
                 tensors[f"{PREFIX}{path}.{names[1]}"] = np.ascontiguousarray(b.T)
     for path, leaf in leaves_by_path(params):
         if isinstance(leaf, TrainableArray):
-            module, _, name = path.rpartition(".")
-            if "*" in module:
-                raise LoraError(f"{module}.{name}: trained leaves of stacked layers cannot be written in peft's format yet")
-            torch_leaf, transpose = _torch_name(module, name)
             value = np.asarray(leaf.value)
-            where = f"{module}.base_layer" if module in lora_modules else module
-            tensors[f"{PREFIX}{where}.{torch_leaf}"] = np.ascontiguousarray(value.T if transpose else value)
+            for name, layer, transpose in _trained_names(path, value.shape, lora_modules):
+                one = value if layer is None else value[layer]
+                tensors[name] = np.ascontiguousarray(one.T if transpose else one)
     return tensors
+
+
+def _trained_names(path: str, shape: tuple[int, ...], lora_modules: set[str]) -> list[tuple[str, int | None, bool]]:
+    """peft's tensor names for a trained leaf (a bias, a modules_to_save copy) at our dotted `path`,
+    as (name, layer, transpose?): one per layer when the leaf is stacked (torch has a module per
+    layer), and under `base_layer` where the module (that layer's) has a LoRA adapter."""
+    module, _, leaf = path.rpartition(".")
+    torch_leaf, transpose = _torch_name(module, leaf)
+    parts = module.split(".")
+    if STACK in parts:
+        at = parts.index(STACK)
+        per_layer = [(".".join([*parts[:at], str(i), *parts[at + 1:]]), i) for i in range(shape[0])]
+    else:
+        per_layer = [(module, None)]
+    return [(f"{PREFIX}{m}.base_layer.{torch_leaf}" if m in lora_modules else f"{PREFIX}{m}.{torch_leaf}", i, transpose)
+            for m, i in per_layer]
 
 
 def tied_head_state(params: Any, config: LoraConfig) -> dict[str, np.ndarray]:
@@ -195,7 +209,7 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {folder}")
-    tensors = dict(read_safetensors(weights))
+    tensors = _without_wrapper_copies(dict(read_safetensors(weights)), weights)
     params = lora(base_params, config, key=jax.random.key(0), output_head=output_head)
     expected = adapter_state(params)
     bases = _embedding_bases(params)
@@ -224,6 +238,24 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
                                   "(ensure_weight_tying=true) but differs from them")
     return params
 
+
+
+def _without_wrapper_copies(tensors: dict[str, np.ndarray], weights: Path) -> dict[str, np.ndarray]:
+    """peft with bias="all" also writes the biases inside a modules_to_save wrapper under their
+    wrapper names (`<module>.modules_to_save.<adapter>.<leaf>`, `<module>.original_module.<leaf>`)
+    beside the copy's plain name. The copy must equal the plain tensor; the original is the
+    base's own, which the base params already hold."""
+    kept = {}
+    for name, value in tensors.items():
+        if ".original_module." in name:
+            continue
+        plain = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+        if plain != name and plain in tensors:
+            if not np.array_equal(value, tensors[plain]):
+                raise CheckpointError(f"{weights}: {name!r} differs from {plain!r}, which should be its copy")
+            continue
+        kept[plain] = value
+    return kept
 
 
 def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np.ndarray]) -> Any:
@@ -255,11 +287,10 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
     def fill_trained(keypath, leaf):
         if not isinstance(leaf, TrainableArray):
             return leaf
-        module, _, name = dotted(keypath).rpartition(".")
-        torch_leaf, transpose = _torch_name(module, name)
-        where = f"{module}.base_layer" if module in lora_modules else module
-        value = tensors[f"{PREFIX}{where}.{torch_leaf}"]
-        return eqx.tree_at(lambda l: l.value, leaf, jnp.asarray(value.T if transpose else value, leaf.value.dtype))
+        names = _trained_names(dotted(keypath), leaf.value.shape, lora_modules)
+        values = [tensors[name].T if transpose else tensors[name] for name, _, transpose in names]
+        value = values[0] if names[0][1] is None else np.stack(values)
+        return eqx.tree_at(lambda l: l.value, leaf, jnp.asarray(value, leaf.value.dtype))
 
     params = jax.tree_util.tree_map_with_path(fill_lora, params, is_leaf=is_adapter)
     return jax.tree_util.tree_map_with_path(fill_trained, params, is_leaf=is_adapter)

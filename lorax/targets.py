@@ -244,17 +244,42 @@ def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]
             raise TargetError(f"target_modules regex {config.target_modules!r} does not compile: {error}") from None
 
 
+def _stored_form(path: str, all_modules: dict[str, Module]) -> tuple[str, int | None, int]:
+    """(stored path, layer, layers in its stack) of a module: a module inside stacked layers
+    (`encoder.layer.3.attention.output`, leaves or container) is stored once for all layers
+    (`encoder.layer.*.attention.output`); others are stored as they are (layer None, 1)."""
+    module = all_modules[path]
+    inner = module if module.layer is not None else next(
+        (m for p, m in all_modules.items() if m.layer is not None and p.startswith(path + ".")), None)
+    if inner is None:
+        return path, None, 1
+    stored = inner.stored_path.split(".")
+    depth = len(path.split("."))
+    if depth <= stored.index(STACK):  # the stack itself or a container around it
+        return path, None, 1
+    return ".".join(stored[:depth]), inner.layer, next(iter(inner.leaves.values())).shape[0]
+
+
 def saved_module_paths(config: LoraConfig, params: Any) -> list[str]:
-    """Stored module paths that modules_to_save trains in full (peft: the key ends with the name)."""
+    """Stored module paths that modules_to_save trains in full (peft: the key ends with the name).
+
+    Inside stacked layers a module's leaves are one array for all layers, so it is trained in
+    every layer (peft's `modules_to_save=["value"]` matches each layer's `value`) or in none."""
     if not config.modules_to_save:
         return []
-    chosen = [m for p, m in modules(params).items() if p and any(p.endswith(name) for name in config.modules_to_save)]
-    inside_stack = [m.path for m in chosen if m.layer is not None]
-    if inside_stack:
+    all_modules = modules(params)
+    layers: dict[str, tuple[set, int]] = {}
+    for path in all_modules:
+        if path and any(path.endswith(name) for name in config.modules_to_save):
+            stored, layer, count = _stored_form(path, all_modules)
+            layers.setdefault(stored, (set(), count))[0].add(layer)
+    partial = [f"{stored} (layers {sorted(chosen)} of {count})" for stored, (chosen, count) in layers.items()
+               if None not in chosen and len(chosen) != count]
+    if partial:
         raise TargetError(
-            f"modules_to_save matches modules inside stacked layers ({listing(inside_stack, 5)}); training one layer "
-            "of a stack in full is not supported. Use LoRA on those modules instead"
+            f"modules_to_save matches some layers only of stacked modules: {listing(partial, 5)}; a stacked module "
+            "is trained in full in every layer or in none. Name it so that it matches every layer, or use LoRA on it"
         )
-    paths = [m.path for m in chosen]
+    paths = list(layers)
     # A match nested inside another match is already covered by the outer module.
     return [p for p in paths if not any(p.startswith(outer + ".") for outer in paths if outer != p)]

@@ -153,7 +153,7 @@ def torch_tiny():
     return TorchTiny().eval()
 
 
-TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+TORCH_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "weight": "weight", "bias": "bias"}
 
 
 def _torch_value(leaf_name, array):
@@ -165,6 +165,9 @@ def sync_into_peft(params, peft_model) -> None:
     """Give the peft model our adapter values: A/B (peft: lora_A (r, in), lora_B (out, r)),
     modules_to_save copies and trained biases, so both compute with the same weights."""
     state = dict(peft_model.named_parameters())
+    # A modules_to_save wrapper may sit on a container (`...attention.output`) above the leaf's
+    # module: its copy is `<container>.modules_to_save.default.<rest>`.
+    saved = {name.replace(".modules_to_save.default", ""): name for name in state if ".modules_to_save.default." in name}
     with torch.no_grad():
         for keypath, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lorax.is_adapter)[0]:
             if isinstance(leaf, lorax.LoraArray):
@@ -184,11 +187,8 @@ def sync_into_peft(params, peft_model) -> None:
                     per_layer = [(stored_module.replace(lorax.targets.STACK, str(i)), value)
                                  for i, value in enumerate(leaf.value)]
                 for module, value in per_layer:
-                    candidates = [
-                        f"base_model.model.{module}.modules_to_save.default.{TORCH_LEAF[name]}",
-                        f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}",
-                        f"base_model.model.{module}.{TORCH_LEAF[name]}",
-                    ]
+                    plain = f"base_model.model.{module}.{TORCH_LEAF[name]}"
+                    candidates = [saved.get(plain), f"base_model.model.{module}.base_layer.{TORCH_LEAF[name]}", plain]
                     target = next(c for c in candidates if c in state)
                     state[target].copy_(_torch_value(name, value))
 

@@ -138,6 +138,10 @@ LORA_CONFIGS = [
          layers_to_transform=[0, 2], layers_pattern="layer"),
     dict(r=4, target_modules=["key", "attention.output.dense", "word_embeddings"], rank_pattern={"encoder.layer.1.attention.self.key": 2},
          alpha_pattern={"dense": 3}, use_rslora=True, bias="lora_only"),
+    # modules_to_save inside the stacked layers: containers (attention.output, output) and
+    # leaf modules (value) of every layer
+    dict(r=4, target_modules=["query", "value"], modules_to_save=["output"]),
+    dict(r=4, target_modules=["query"], modules_to_save=["value"], bias="all"),
 ]
 
 
@@ -168,6 +172,32 @@ def test_lora_matches_peft(saved, config):
     np.testing.assert_allclose(pooled, theirs.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
     merged_hidden, _ = run(graphdef, lorax.merge(params), ids, mask, token_types)
     np.testing.assert_allclose(merged_hidden[real], theirs.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config", [dict(r=4, target_modules=["query", "value"], bias="lora_only"),
+                                    dict(r=4, target_modules=["query"], modules_to_save=["output"], bias="all")], ids=str)
+def test_trained_leaves_of_stacked_layers_round_trip_with_peft(saved, tmp_path, config):
+    """Biases and modules_to_save copies of stacked layers are written per layer, as peft names
+    them: PeftModel loads our adapter with our outputs, and what peft saves loads back to them."""
+    _, folder = saved
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    params = perturb_trained_leaves(lorax.lora(base, lora_config, key=jax.random.key(1)), jax.random.key(2))
+    ids, token_types, mask = inputs()
+    real = mask.numpy().astype(bool)
+    hidden, pooled = run(graphdef, params, ids, mask, token_types)
+
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    peft_model = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        theirs = peft_model(ids, attention_mask=mask, token_type_ids=token_types)
+    np.testing.assert_allclose(theirs.last_hidden_state.numpy()[real], hidden[real], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(theirs.pooler_output.numpy(), pooled, atol=1e-4, rtol=1e-4)
+
+    peft_model.save_pretrained(tmp_path / "theirs")
+    back = interop.load_adapter(tmp_path / "theirs", base)
+    for ours, loaded in zip(run(graphdef, params, ids, mask, token_types), run(graphdef, back, ids, mask, token_types)):
+        np.testing.assert_allclose(loaded, ours, atol=1e-6)
 
 
 def test_lora_on_minilm_counts_match_peft(minilm):
@@ -240,3 +270,14 @@ def test_new_head_on_loaded_encoder_merges_into_a_transformers_classifier(saved,
                                    atol=1e-4, rtol=1e-4)
     again = interop.from_pretrained(tmp_path / "merged", progress=False)
     np.testing.assert_allclose(np.asarray(apply(*lorax.split(again), *arrays)), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_modules_to_save_on_some_layers_of_a_stack_is_refused(saved):
+    """A stacked module's leaves are one array for all layers: training one layer's copy in full
+    cannot be expressed, and the error says which module and layers."""
+    _, folder = saved
+    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    config = lorax.LoraConfig(target_modules=["query"], modules_to_save=["encoder.layer.1.attention.output"])
+    with pytest.raises(lorax.TargetError, match=r"some layers only of stacked modules: "
+                                                r"encoder\.layer\.\*\.attention\.output \(layers \[1\] of 3\)"):
+        lorax.lora(base, config, key=jax.random.key(0))

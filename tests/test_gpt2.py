@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, sync_into_peft
+from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
 from lorax.models.generate import generate
 
 # A larger initializer_range than GPT-2's 0.02: the tiny model's predictions then depend on the
@@ -163,11 +163,15 @@ def test_lora_matches_peft(saved, config):
 
 def test_adapter_and_merged_exports_load_in_torch(saved, tmp_path):
     """Conv1D is where layouts go wrong: our adapter loads in PeftModel, our merged model in
-    transformers, and both give our logits; the adapter loads back into the same tree."""
+    transformers, and both give our logits; the adapter loads back into the same tree. The
+    stacked layers' trained copies (attn.c_proj, a Conv1D: (in, out) in torch too) and biases
+    are written per layer."""
     model, folder = saved
     graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
-    config = lorax.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    config = lorax.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False,
+                              modules_to_save=["attn.c_proj"], bias="lora_only")
     params = lorax.lora(base, config, key=jax.random.key(1), output_head="lm_head")
+    params = perturb_trained_leaves(params, jax.random.key(2))
     ids, mask = tokens()
     ours = run(graphdef, params, ids, mask)
     real = mask.numpy().astype(bool)

@@ -13,7 +13,7 @@ import transformers
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, sync_into_peft
+from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
 from lorax.models.generate import generate
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -132,6 +132,39 @@ def test_lora_matches_peft(saved, variant, config):
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
     merged = lorax.merge(params)
     np.testing.assert_allclose(logits_of(graphdef, merged, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+TRAINED_LEAF_CONFIGS = [
+    dict(r=4, target_modules=["q_proj"], modules_to_save=["mlp"]),  # a container, in every layer
+    dict(r=4, target_modules=["q_proj"], modules_to_save=["norm"]),  # model.norm and every layer's *_layernorm
+    dict(r=4, target_modules=["q_proj", "v_proj"], bias="all"),  # Qwen2's q/k/v biases, stacked
+]
+
+
+@pytest.mark.parametrize("config", TRAINED_LEAF_CONFIGS, ids=str)
+def test_trained_leaves_of_stacked_layers_match_peft(saved, config, tmp_path):
+    """modules_to_save and biases inside the stacked layers: peft's counts and logits, our adapter
+    in PeftModel, and peft's saved adapter back in ours."""
+    _, folder = saved["qwen2"]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    params = lorax.lora(base, lora_config, key=jax.random.key(1), output_head="lm_head")
+    params = perturb_trained_leaves(params, jax.random.key(2))
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    ours = logits_of(graphdef, params, ids, mask)
+
+    peft_model = peft.get_peft_model(hf_model("qwen2"), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    assert lorax_line(params) == peft_line(peft_model)
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    loaded = peft.PeftModel.from_pretrained(hf_model("qwen2"), tmp_path / "ours").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(peft_model(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4)
+        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4)
+    loaded.save_pretrained(tmp_path / "theirs")
+    back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
+    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask), ours, atol=1e-5)
 
 
 def test_lora_training_step_scans_the_stack(saved):

@@ -22,6 +22,7 @@ from lorax.transform import (
     merge,
     partition,
     print_trainable_parameters,
+    trainable,
     trainable_mask,
     unmerge,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "print_trainable_parameters",
     "select_targets",
     "split",
+    "trainable",
     "trainable_mask",
     "unmerge",
     "with_dropout",

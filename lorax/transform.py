@@ -299,6 +299,18 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return eqx.combine(trainable, frozen)
 
 
+def trainable(params: Any) -> Any:
+    """The trainable half of `partition(params)`: A/B, trained biases and modules_to_save copies,
+    None elsewhere. What a checkpoint of the training needs besides the frozen base.
+
+    Example:
+        >>> adapters = lorax.trainable(params)
+        >>> sum(x.size for x in jax.tree_util.tree_leaves(adapters)) == lorax.count_parameters(params)[0]
+        True
+    """
+    return partition(params)[0]
+
+
 def count_parameters(params: Any) -> tuple[int, int]:
     """(trainable, all) parameter counts, counted as peft counts them: A and B are added to the
     base, a modules_to_save copy counts beside its original, and a 4-bit base counts twice its

@@ -5,8 +5,10 @@ A peft LoRA adapter is a folder with `adapter_config.json` (peft's LoraConfig fi
 `peft_type: "LORA"`) and `adapter_model.safetensors`, whose keys are
 `base_model.model.<module path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)
 (`lora_embedding_A` (r, num_embeddings) / `lora_embedding_B` (dim, r) for embeddings),
-modules_to_save copies as `base_model.model.<module path>.weight`, and trained biases as
-`...<module path>.base_layer.bias` (adapted modules) or `...<module path>.bias`.
+modules_to_save copies as `base_model.model.<module path>.weight`, trained biases as
+`...<module path>.base_layer.bias` (adapted modules) or `...<module path>.bias`, and DoRA's
+magnitudes as `...<module path>.lora_magnitude_vector` (out,). Stacked layers are written one
+module per layer, as torch names them.
 
 >>> folder = getfixture("tmp_path") / "adapter"
 >>> interop.save_adapter(folder, params, config)            # PeftModel.from_pretrained(torch_model, folder)
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop.checkpoint import CheckpointError, atomic_write, read_safetensors
-from lorax.arrays import LoraArray, TrainableArray, is_adapter
+from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
 from lorax.targets import STACK, dotted, leaves_by_path, modules
@@ -40,6 +42,8 @@ PREFIX = "base_model.model."
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc"})
 # The output head that tie_word_embeddings ties to the input embeddings.
 TIED_HEAD = "lm_head"
+# DoRA's magnitude vector (out,) of an adapted module: `<module>.lora_magnitude_vector`.
+MAGNITUDE = "lora_magnitude_vector"
 # peft fields that describe bookkeeping or features left at their defaults; anything else
 # unknown to LoraConfig is refused by name.
 PEFT_BOOKKEEPING = {
@@ -68,6 +72,13 @@ def _module_factors(leaf: LoraArray) -> list[tuple[str, np.ndarray, np.ndarray]]
     return [(leaf.path.replace("*", str(i)), a[i, :, :r], b[i, :r]) for i, r in enumerate(leaf.ranks) if r]
 
 
+def _module_magnitudes(leaf: DoraArray) -> list[tuple[str, int | None]]:
+    """(module path, layer) per adapted module of a DoRA leaf, in `_module_factors`' order."""
+    if leaf.ranks is None:
+        return [(leaf.path, None)]
+    return [(leaf.path.replace("*", str(i)), i) for i, r in enumerate(leaf.ranks) if r]
+
+
 def adapter_state(params: Any) -> dict[str, np.ndarray]:
     """The tensors peft saves for these params, by peft's names, in their dtypes."""
     tensors = {}
@@ -80,6 +91,10 @@ def adapter_state(params: Any) -> dict[str, np.ndarray]:
                 names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
                 tensors[f"{PREFIX}{path}.{names[0]}"] = np.ascontiguousarray(a.T)
                 tensors[f"{PREFIX}{path}.{names[1]}"] = np.ascontiguousarray(b.T)
+            if isinstance(leaf, DoraArray):
+                m = np.asarray(leaf.m)
+                for path, layer in _module_magnitudes(leaf):
+                    tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = np.ascontiguousarray(m if layer is None else m[layer])
     for path, leaf in leaves_by_path(params):
         if isinstance(leaf, TrainableArray):
             value = np.asarray(leaf.value)
@@ -182,8 +197,6 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA') load")
-    if raw.get("use_dora"):
-        raise LoraError(f"{path}: a DoRA adapter (use_dora=true); DoRA is not implemented yet")
     for name, default in PEFT_BOOKKEEPING.items():
         if name in raw and name not in ("peft_type", "base_model_name_or_path", "revision", "inference_mode",
                                         "auto_mapping", "peft_version") and raw[name] not in (default, None, {}, False):
@@ -282,7 +295,16 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
             else:
                 layer = [i for i, r in enumerate(leaf.ranks) if r][index]
                 a[layer, :, : a_file.shape[1]], b[layer, : b_file.shape[0]] = a_file, b_file
-        return eqx.tree_at(lambda l: (l.a, l.b), leaf, (jnp.asarray(a), jnp.asarray(b)))
+        leaf = eqx.tree_at(lambda l: (l.a, l.b), leaf, (jnp.asarray(a), jnp.asarray(b)))
+        if isinstance(leaf, DoraArray):
+            m = np.array(leaf.m).astype(dtype)
+            for path, layer in _module_magnitudes(leaf):
+                if layer is None:
+                    m = tensors[f"{PREFIX}{path}.{MAGNITUDE}"]
+                else:
+                    m[layer] = tensors[f"{PREFIX}{path}.{MAGNITUDE}"]
+            leaf = eqx.tree_at(lambda l: l.m, leaf, jnp.asarray(m))
+        return leaf
 
     def fill_trained(keypath, leaf):
         if not isinstance(leaf, TrainableArray):

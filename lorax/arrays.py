@@ -8,6 +8,8 @@ lookups the same way. The frozen base `w` sits behind `stop_gradient`, so no gra
 reaches it. An operation without a rule raises `UnsupportedOpError` naming the operation and
 the weight, unless the array was built with `allow_materialize=True`.
 
+`DoraArray` is a LoraArray with DoRA's trained magnitude per output feature (`use_dora=True`).
+
 `TrainableArray` marks a plain leaf as trained (a bias under `bias="all"`, or a
 `modules_to_save` copy that keeps its frozen original beside it, as peft does).
 
@@ -18,6 +20,7 @@ the weight, unless the array was built with `allow_materialize=True`.
 (1, 3)
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -90,6 +93,14 @@ class LoraArray(quax.ArrayValue):
         w = self.w.materialise() if isinstance(self.w, quax.ArrayValue) else self.w
         return lax.stop_gradient(w) + self.delta()
 
+    def merged(self) -> jax.Array:
+        """The weight the adapter stands for, as one dense array in w's dtype (what merging writes)."""
+        return self.materialise()
+
+    def unmerged(self, merged: jax.Array) -> jax.Array:
+        """The base weight that `merged` holds beneath this adapter (the inverse of `merged`)."""
+        return merged - self.delta()
+
     @staticmethod
     def default(primitive, values: Sequence[Any], params: dict[str, Any]):
         for value in values:
@@ -119,6 +130,58 @@ class LoraArray(quax.ArrayValue):
         """`dense + scale·delta`, summed in the wider of the two dtypes and returned in dense's,
         as peft does (bf16 base output + fp32 adapter output, cast back to bf16)."""
         return (dense + self.scale.astype(delta.dtype) * delta).astype(dense.dtype)
+
+
+class DoraArray(LoraArray):
+    """A DoRA weight (Liu et al. 2024, peft's `use_dora=True`): the LoRA weight with each output
+    feature's column rescaled to a trained magnitude,
+
+        W' = m · (w + s·a b) / ‖w + s·a b‖
+
+    the norm taken over the input axis, one value per output feature, and treated as a constant
+    in the backward pass (the paper's section 4.3; peft detaches it too). `m` (..., out) starts
+    at that norm, so W' = w + s·a b at init. Linear kernels only.
+
+    In a product, `x·W' = mns·(x·w) + mns·s·((x·a)·b)` with `mns = m / ‖w + s·a b‖`: the norm needs
+    the dense sum once per call (peft forms it as well); the products stay factored. With
+    lora_dropout, the adapter and the magnitude's share of the base product see the dropped
+    input, as in peft.
+
+    >>> w = jnp.ones((4, 3)); a = jnp.ones((4, 2)); b = jnp.zeros((2, 3))
+    >>> weight = DoraArray(w, a, b, scale=2.0, m=jnp.full(3, 4.0), path="layer")   # ‖column‖ = 2
+    >>> quax.quaxify(lambda x, k: x @ k)(jnp.ones((1, 4)), weight)
+    Array([[8., 8., 8.]], dtype=float32)
+    """
+
+    m: jax.Array | None = None
+
+    trainable_fields: ClassVar[tuple[str, ...]] = ("a", "b", "m")
+
+    @classmethod
+    def from_lora(cls, leaf: LoraArray) -> "DoraArray":
+        """`leaf` with a magnitude, initialised to the norm of its columns (so nothing changes at init)."""
+        fields = {f.name: getattr(leaf, f.name) for f in dataclasses.fields(leaf)}
+        norm = jnp.linalg.norm(leaf.materialise().astype(jnp.float32), axis=-2)
+        return cls(**{**fields, "m": norm.astype(leaf.a.dtype)})
+
+    def adapter_size(self) -> int:
+        d_out = self.w.shape[-1]
+        adapted = 1 if self.ranks is None else sum(1 for r in self.ranks if r)
+        return super().adapter_size() + adapted * d_out
+
+    def magnitude_scale(self) -> jax.Array:
+        """m / ‖w + s·a b‖ per output feature (..., out), the norm without gradient. Layers of a
+        stack that the config leaves out (scale 0) have no DoRA in peft: their factor is 1."""
+        norm = lax.stop_gradient(jnp.linalg.norm(lax.stop_gradient(self.materialise()).astype(jnp.float32), axis=-2))
+        factor = self.m.astype(jnp.float32) / norm
+        return jnp.where(jnp.asarray(self.scale)[..., None] == 0, 1.0, factor)
+
+    def merged(self) -> jax.Array:
+        w_plus = self.materialise()
+        return (w_plus * self.magnitude_scale()[..., None, :]).astype(w_plus.dtype)
+
+    def unmerged(self, merged: jax.Array) -> jax.Array:
+        return (merged / self.magnitude_scale()[..., None, :]).astype(merged.dtype) - self.delta()
 
 
 class TrainableArray(quax.ArrayValue):
@@ -247,6 +310,48 @@ def _dot_general_lhs(weight: LoraArray, x: jax.Array | quax.ArrayValue, *, dimen
     bx = lax.dot_general(weight.b, weight.adapter_input(x), (((1,), x_contract), ((), ())), **params)
     delta = lax.dot_general(weight.a, bx, (((1,), (0,)), ((), ())), **params)
     return weight.add_delta(dense, delta)
+
+
+@quax.register(lax.dot_general_p)
+def _dot_general_dora_rhs(x: jax.Array | quax.ArrayValue, weight: DoraArray, *, dimension_numbers, **params):
+    """x·W' for a DoRA kernel: mns·(x·w) + mns·s·((x·a)·b) (see DoraArray); with dropout, peft's
+    `x·w + (mns - 1)·(x̃·w) + mns·s·((x̃·a)·b)` for the dropped input x̃."""
+    if isinstance(x, LoraArray):
+        raise _unsupported(weight, "a product of two LoRA weights has no factored rule")
+    x = x.materialise() if isinstance(x, quax.ArrayValue) else x
+    x_contract, w_contract, x_batch, w_batch = _dims(dimension_numbers)
+    if weight.ndim != 2 or w_batch or w_contract != (0,):
+        raise _unsupported(weight, f"dot_general with dimension_numbers={dimension_numbers} on a DoRA weight (expected "
+                           "x @ kernel: a 2-D (in, out) kernel contracted on its input axis)")
+    numbers = ((x_contract, (0,)), ((), ()))
+    dense = _dot(x, _frozen(weight.w), numbers, params)
+    x_adapter = weight.adapter_input(x)
+    adapter_params = _adapter_params(params)
+    xa = lax.dot_general(x_adapter, weight.a, numbers, **adapter_params)
+    delta = lax.dot_general(xa, weight.b, (((xa.ndim - 1,), (0,)), ((), ())), **adapter_params)
+    mns = weight.magnitude_scale()
+    dropped = weight.dropout_key is not None and weight.dropout_rate > 0.0
+    dropped_dense = _dot(x_adapter.astype(x.dtype), _frozen(weight.w), numbers, params) if dropped else dense
+    extra = (mns - 1) * dropped_dense + mns * weight.scale.astype(delta.dtype) * delta
+    return (dense + extra).astype(dense.dtype)
+
+
+@quax.register(lax.dot_general_p)
+def _dot_general_dora_lhs(weight: DoraArray, x: jax.Array | quax.ArrayValue, *, dimension_numbers, **params):
+    raise _unsupported(weight, "W @ x with a DoRA weight has no rule (DoRA kernels are used as x @ kernel)")
+
+
+@quax.register(lax.gather_p)
+def _gather_dora(table: DoraArray, indices: jax.Array | quax.ArrayValue, *, dimension_numbers, slice_sizes, **params):
+    raise _unsupported(table, "DoRA weights are linear kernels; a gather (embedding lookup) has no rule")
+
+
+@quax.register(lax.transpose_p)
+def _transpose_dora(weight: DoraArray, *, permutation):
+    if tuple(permutation) == tuple(range(weight.ndim)):
+        return weight
+    raise _unsupported(weight, f"transpose with permutation={permutation} of a DoRA weight (its magnitude belongs "
+                       "to the output axis)")
 
 
 @quax.register(lax.gather_p)

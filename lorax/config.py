@@ -52,7 +52,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     # Rank-stabilized LoRA: scale lora_alpha/√r instead of lora_alpha/r.
     use_rslora: bool = False
-    # Weight-decomposed LoRA; not implemented yet (an error says so).
+    # DoRA (weight-decomposed LoRA): a trained magnitude per output feature (lorax.DoraArray); linear layers.
     use_dora: bool = False
     # True: A kaiming-uniform (a=√5), B zero. "gaussian": A ~ N(0, 1/r), B zero.
     # False: A and B both random (non-zero update; for tests).
@@ -137,8 +137,6 @@ def _validate(c: LoraConfig) -> None:
             f"init_lora_weights={c.init_lora_weights!r} is not supported; use True (kaiming-uniform A, zero B), "
             "'gaussian' or False"
         )
-    if c.use_dora:
-        fail("use_dora=True (DoRA) is not implemented yet; use plain LoRA (use_dora=False)")
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")
     if c.target_modules is None:

@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from lorax.arrays import LoraArray, TrainableArray, is_adapter
+from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, dequantize, quantize_like
@@ -63,7 +63,19 @@ def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: ja
     """One LoraArray for a stored kernel: a single module, or the adapted layers of a stack.
 
     A stack gets a and b padded to its largest rank (zeros: they add nothing and receive no
-    gradient) and a per-layer scale that is 0 for layers the config leaves out."""
+    gradient) and a per-layer scale that is 0 for layers the config leaves out. With use_dora,
+    a DoraArray (linear kernels only)."""
+    first = targets[0]
+    leaf = _factors(w, targets, config, key, dtype, **fields)
+    if not config.use_dora:
+        return leaf
+    if first.kind != "linear":
+        raise LoraConfigError(f"use_dora=True: DoRA on the embedding {first.path!r} is not supported yet (linear layers "
+                              "only); leave it out of target_modules or use plain LoRA")
+    return DoraArray.from_lora(leaf)
+
+
+def _factors(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, **fields) -> LoraArray:
     init = config.init_lora_weights
     first = targets[0]
     if first.layer is None:
@@ -219,7 +231,7 @@ def merge(params: Any, *, requantize: bool = False) -> Any:
     """
     def merged(leaf):
         if isinstance(leaf, LoraArray):
-            weight = _dense(leaf.w) + leaf.delta()
+            weight = leaf.merged()
             return quantize_like(weight, leaf.w) if requantize and isinstance(leaf.w, Nf4Array) else weight
         return leaf.value
 
@@ -239,7 +251,7 @@ def unmerge(merged: Any, adapted: Any) -> Any:
     """
     def separate(merged_leaf, leaf):
         if isinstance(leaf, LoraArray):
-            base = merged_leaf - leaf.delta()
+            base = leaf.unmerged(merged_leaf)
             if isinstance(leaf.w, Nf4Array):
                 base = quantize_like(base, leaf.w)
             return eqx.tree_at(lambda l: l.w, leaf, base)

@@ -178,6 +178,11 @@ def sync_into_peft(params, peft_model) -> None:
                         a_name, b_name = f"{prefix}.lora_embedding_A.default", f"{prefix}.lora_embedding_B.default"
                     state[a_name].copy_(torch.from_numpy(a.T.copy()))
                     state[b_name].copy_(torch.from_numpy(b.T.copy()))
+                if isinstance(leaf, lorax.DoraArray):
+                    m = np.asarray(leaf.m)
+                    for path, layer in per_module_layers(leaf):
+                        state[f"base_model.model.{path}.lora_magnitude_vector.default.weight"].copy_(
+                            torch.from_numpy((m if layer is None else m[layer]).copy()))
             elif isinstance(leaf, lorax.TrainableArray):
                 path = lorax.targets.dotted(keypath)
                 stored_module, _, name = path.rpartition(".")
@@ -194,16 +199,19 @@ def sync_into_peft(params, peft_model) -> None:
 
 
 def perturb_trained_leaves(params, key):
-    """Move trained biases and modules_to_save copies away from their originals, so a test
-    can tell whether a model used the trained value or the original."""
+    """Move trained biases and modules_to_save copies away from their originals, and DoRA
+    magnitudes away from their initial norms, so a test can tell whether a model used them."""
     leaves, treedef = jax.tree_util.tree_flatten(params, is_leaf=lorax.is_adapter)
     keys = jax.random.split(key, len(leaves))
-    moved = [
-        eqx.tree_at(lambda l: l.value, leaf, leaf.value + 0.1 * jax.random.normal(k, leaf.value.shape))
-        if isinstance(leaf, lorax.TrainableArray) else leaf
-        for leaf, k in zip(leaves, keys)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, moved)
+
+    def moved(leaf, key):
+        if isinstance(leaf, lorax.TrainableArray):
+            return eqx.tree_at(lambda l: l.value, leaf, leaf.value + 0.1 * jax.random.normal(key, leaf.value.shape))
+        if isinstance(leaf, lorax.DoraArray):  # a magnitude that no longer equals the norm it started at
+            return eqx.tree_at(lambda l: l.m, leaf, leaf.m * (1 + 0.2 * jax.random.normal(key, leaf.m.shape)))
+        return leaf
+
+    return jax.tree_util.tree_unflatten(treedef, [moved(leaf, k) for leaf, k in zip(leaves, keys)])
 
 
 def per_module_factors(leaf):
@@ -213,6 +221,13 @@ def per_module_factors(leaf):
     if leaf.ranks is None:
         return [(leaf.path, a, b)]
     return [(leaf.path.replace("*", str(i)), a[i, :, :r], b[i, :r]) for i, r in enumerate(leaf.ranks) if r]
+
+
+def per_module_layers(leaf):
+    """(module path, layer or None) for each module a LoraArray holds, as per_module_factors lists them."""
+    if leaf.ranks is None:
+        return [(leaf.path, None)]
+    return [(leaf.path.replace("*", str(i)), i) for i, r in enumerate(leaf.ranks) if r]
 
 
 def adapted_paths(params):

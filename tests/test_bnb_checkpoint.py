@@ -16,7 +16,7 @@ import transformers
 
 import interop
 import lorax
-from conftest import lorax_line, peft_line, sync_into_peft
+from conftest import lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
 from lorax import nf4
 
 SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -122,6 +122,24 @@ def test_qlora_on_loaded_params_matches_peft(quantized, quantization, dense_bloc
     q_proj = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
     assert isinstance(q_proj, lorax.LoraArray) and isinstance(q_proj.w, lorax.Nf4Array)
     assert lorax_line(params) == line
+    ids = tokens()
+    with torch.no_grad():
+        theirs = peft_model(ids).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_qdora_on_loaded_params_matches_peft(quantized):
+    """DoRA on the 4-bit base (QDoRA): peft dequantizes the bitsandbytes weight for the column
+    norm, we dequantize the Nf4Array: the same counts and logits."""
+    _, folder, (graphdef, base) = quantized["nf4-double"]
+    config = dict(init_lora_weights=False, use_dora=True, **QLORA)
+    params = perturb_trained_leaves(lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(1)),
+                                    jax.random.key(2))
+    q_proj = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q_proj, lorax.DoraArray) and isinstance(q_proj.w, lorax.Nf4Array)
+    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(**config))
+    assert lorax_line(params) == peft_line(peft_model)
+    sync_into_peft(params, peft_model)
     ids = tokens()
     with torch.no_grad():
         theirs = peft_model(ids).logits.numpy()

@@ -104,6 +104,9 @@ LORA_CONFIGS = [
     dict(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2]),
     dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
          rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 3}, use_rslora=True),
+    # DoRA on stacked layers, some left out (their magnitude must do nothing), ranks differing
+    dict(r=4, target_modules=["q_proj", "down_proj"], layers_to_transform=[0, 2], use_dora=True,
+         rank_pattern={"model.layers.2.mlp.down_proj": 2}),
 ]
 
 
@@ -120,6 +123,7 @@ def test_lora_matches_peft(saved, variant, config):
 
     params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1),
                         output_head="lm_head")
+    params = perturb_trained_leaves(params, jax.random.key(2))  # DoRA magnitudes too (every layer's)
     peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config))
     sync_into_peft(params, peft_model)
     assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)

@@ -31,6 +31,8 @@ MLP_CONFIGS = [
     dict(r=3, target_modules=["seq.0"], modules_to_save=["seq.4"], bias="lora_only"),
     dict(r=4, lora_alpha=16, target_modules=["seq.0", "seq.2", "seq.4"], rank_pattern={"seq.2": 2}, alpha_pattern={"seq.4": 3}),
     dict(r=4, lora_alpha=8, target_modules=["seq.0", "seq.2"], use_rslora=True),
+    dict(r=3, target_modules=["seq.0", "seq.2"], use_dora=True),
+    dict(r=4, target_modules=["seq.0", "seq.2", "seq.4"], use_dora=True, rank_pattern={"seq.2": 2}, bias="lora_only"),
 ]
 
 TINY_CONFIGS = [
@@ -42,6 +44,7 @@ TINY_CONFIGS = [
     dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]),
     dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], bias="all"),
     dict(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 1}, alpha_pattern={"up_proj": 2}),
+    dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2], use_dora=True),
 ]
 
 def check_against_peft(torch_model, jax_fn, inputs, config, output_head=None):

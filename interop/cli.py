@@ -26,7 +26,8 @@ def _config(args):
     import lorax
 
     return lorax.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                            target_modules=_targets(args.target_modules), task_type=args.task_type)
+                            target_modules=_targets(args.target_modules), task_type=args.task_type,
+                            use_dora=args.use_dora)
 
 
 def _load(model_dir: str, dtype: str = "float32"):
@@ -139,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--alpha", type=float, default=16, help="lora_alpha (default 16)")
         p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
         p.add_argument("--task-type", default="CAUSAL_LM", help="peft task_type recorded in the adapter")
+        p.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output feature")
 
     p = commands.add_parser("inspect", help="list a model's module paths and what a LoRA config would adapt")
     p.add_argument("--model", required=True, help="a local Hugging Face model folder")

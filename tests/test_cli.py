@@ -32,6 +32,10 @@ def test_inspect_prints_peft_counts(model_dir, capsys):
     expected = peft_line(peft.get_peft_model(torch_model, peft.LoraConfig(r=4, lora_alpha=16,
                                                                           target_modules=["q_proj", "v_proj"])))
     assert out.strip().splitlines()[-1] == expected
+    assert main(["inspect", "--model", str(model_dir), "--target-modules", "q_proj,v_proj", "--r", "4", "--use-dora"]) == 0
+    dora = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                                peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=True))
+    assert capsys.readouterr().out.strip().splitlines()[-1] == peft_line(dora)
 
 
 def test_finetune_then_merge(model_dir, tmp_path, capsys):

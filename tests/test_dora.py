@@ -117,3 +117,11 @@ def test_dora_on_embeddings_is_refused(torch_tiny):
     config = lorax.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], use_dora=True)
     with pytest.raises(lorax.LoraConfigError, match=r"DoRA on the embedding 'model.embed_tokens' is not supported yet"):
         lorax.lora(torch_to_params(torch_tiny), config, key=jax.random.key(0))
+
+
+def test_unmerge_takes_the_dora_update_back_out(torch_mlp):
+    """unmerge(merge(params), params) gives back the base kernels under the DoRA leaves."""
+    params, _ = dora_pair(torch_mlp)
+    again = lorax.unmerge(lorax.merge(params), params)
+    for i in (0, 2):
+        np.testing.assert_allclose(again["seq"][i]["kernel"].w, params["seq"][i]["kernel"].w, rtol=1e-4, atol=1e-5)

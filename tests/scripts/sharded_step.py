@@ -98,13 +98,12 @@ with tempfile.TemporaryDirectory() as folder:
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2)).save_pretrained(folder)
     mesh = make_mesh(data=2, fsdp=4)
-    graphdef, sharded = lorax.split(interop.from_pretrained(folder, progress=False, mesh=mesh))
+    _, sharded = lorax.split(interop.from_pretrained(folder, progress=False, mesh=mesh))
     _, plain = lorax.split(interop.from_pretrained(folder, progress=False))
 kernel = sharded["model"]["layers"]["*"]["mlp"]["up_proj"]["kernel"]
 shards = {shard.data.shape for shard in kernel.addressable_shards}
 assert shards == {(2, 64, 128 // 4)}, shards
 assert kernel.sharding == shard_params(plain, mesh)["model"]["layers"]["*"]["mlp"]["up_proj"]["kernel"].sharding
-jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, plain)
-np.testing.assert_allclose(lorax.apply(graphdef, sharded, ids), lorax.apply(graphdef, plain, ids), rtol=1e-5, atol=1e-5)
+jax.tree_util.tree_map(np.testing.assert_array_equal, sharded, plain)  # the same model, placed differently
 print(f"from_pretrained data=2 fsdp=4: equal to one device; kernel shards {sorted(shards)}")
 sys.exit(0)

@@ -140,7 +140,9 @@ class DoraArray(LoraArray):
 
     the norm taken over the input axis, one value per output feature, and treated as a constant
     in the backward pass (the paper's section 4.3; peft detaches it too). `m` (..., out) starts
-    at that norm, so W' = w + s·a b at init. Linear kernels only.
+    at that norm, so W' = w + s·a b at init. For an embedding table (num_embeddings, dim) the
+    same holds with the vocabulary as the input axis: one magnitude per feature, as peft's
+    DoraEmbeddingLayer has it.
 
     In a product, `x·W' = mns·(x·w) + mns·s·((x·a)·b)` with `mns = m / ‖w + s·a b‖`: the norm needs
     the dense sum once per call (peft forms it as well); the products stay factored. With
@@ -343,7 +345,12 @@ def _dot_general_dora_lhs(weight: DoraArray, x: jax.Array | quax.ArrayValue, *, 
 
 @quax.register(lax.gather_p)
 def _gather_dora(table: DoraArray, indices: jax.Array | quax.ArrayValue, *, dimension_numbers, slice_sizes, **params):
-    raise _unsupported(table, "DoRA weights are linear kernels; a gather (embedding lookup) has no rule")
+    """A DoRA embedding lookup: the LoRA rows times mns, one factor per feature (the table's
+    columns are normed over the vocabulary, as peft's DoraEmbeddingLayer does)."""
+    lora_rows = _lora_rows(table, indices, dimension_numbers, slice_sizes, params)
+    offset = dimension_numbers.offset_dims[0]
+    mns = table.magnitude_scale().reshape([-1 if axis == offset else 1 for axis in range(lora_rows.ndim)])
+    return (mns * lora_rows).astype(lora_rows.dtype)
 
 
 @quax.register(lax.transpose_p)
@@ -357,8 +364,11 @@ def _transpose_dora(weight: DoraArray, *, permutation):
 @quax.register(lax.gather_p)
 def _gather(table: LoraArray, indices: jax.Array | quax.ArrayValue, *, dimension_numbers, slice_sizes, **params):
     """Embedding lookup: rows of w plus s·(rows of a)·b (peft's Embedding adds no dropout)."""
+    return _lora_rows(table, indices, dimension_numbers, slice_sizes, params)
+
+
+def _lora_rows(table: LoraArray, indices, numbers, slice_sizes, params: dict) -> jax.Array:
     indices = indices.materialise() if isinstance(indices, quax.ArrayValue) else indices
-    numbers = dimension_numbers
     row_lookup = (
         table.ndim == 2
         and tuple(numbers.collapsed_slice_dims) == (0,)

@@ -64,14 +64,14 @@ def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: ja
 
     A stack gets a and b padded to its largest rank (zeros: they add nothing and receive no
     gradient) and a per-layer scale that is 0 for layers the config leaves out. With use_dora,
-    a DoraArray (linear kernels only)."""
+    a DoraArray."""
     first = targets[0]
     leaf = _factors(w, targets, config, key, dtype, **fields)
     if not config.use_dora:
         return leaf
-    if first.kind != "linear":
-        raise LoraConfigError(f"use_dora=True: DoRA on the embedding {first.path!r} is not supported yet (linear layers "
-                              "only); leave it out of target_modules or use plain LoRA")
+    if leaf.ensure_weight_tying:
+        raise LoraConfigError(f"use_dora=True with ensure_weight_tying=True: the tied output head of {first.path!r} "
+                              "cannot share a DoRA embedding yet; use ensure_weight_tying=False")
     return DoraArray.from_lora(leaf)
 
 

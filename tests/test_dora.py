@@ -1,7 +1,7 @@
 """DoRA (use_dora=True) against peft's: gradients (the norm is a constant in the backward pass),
 lora_dropout in training, adapter files both ways, QDoRA on a bitsandbytes 4-bit model, and
-clear errors where DoRA does not apply. Counts, outputs and merges are in test_peft_parity.py
-(MLP, tiny decoder) and test_llama.py (stacked layers)."""
+a clear error where DoRA does not apply. Counts, outputs and merges are in test_peft_parity.py
+(MLP, tiny decoder with DoRA embeddings) and test_llama.py (stacked layers)."""
 
 import copy
 
@@ -113,9 +113,10 @@ def test_counts_and_layers(torch_mlp):
     assert trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def test_dora_on_embeddings_is_refused(torch_tiny):
-    config = lorax.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], use_dora=True)
-    with pytest.raises(lorax.LoraConfigError, match=r"DoRA on the embedding 'model.embed_tokens' is not supported yet"):
+def test_dora_with_a_tied_head_sharing_the_embedding_is_refused(torch_tiny):
+    config = lorax.LoraConfig(r=2, target_modules=["embed_tokens"], use_dora=True, ensure_weight_tying=True)
+    with pytest.raises(lorax.LoraConfigError, match=r"ensure_weight_tying=True: the tied output head of "
+                                                    r"'model.embed_tokens' cannot share a DoRA embedding yet"):
         lorax.lora(torch_to_params(torch_tiny), config, key=jax.random.key(0))
 
 

@@ -28,6 +28,7 @@ TINY_CONFIGS = [
     dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
     dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "up_proj"]),
     dict(r=2, target_modules="all-linear", exclude_modules=["lm_head"]),
+    dict(r=3, target_modules=["embed_tokens", "q_proj", "down_proj"], use_dora=True),
 ]
 
 
@@ -78,8 +79,10 @@ def test_tiny_decoder_adapter_round_trips(torch_tiny, config, tmp_path):
     np.testing.assert_allclose(lorax.apply(jax_tiny, reloaded, jnp.asarray(ids.numpy())), ours, atol=1e-6)
 
 
-def test_llama_adapter_both_ways(tmp_path):
-    """A stacked-layer Llama: our adapter loads in PeftModel over transformers' Llama, and back."""
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_llama_adapter_both_ways(tmp_path, use_dora):
+    """A stacked-layer Llama: our adapter loads in PeftModel over transformers' Llama, and back
+    (DoRA too: a magnitude per adapted layer)."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -87,7 +90,7 @@ def test_llama_adapter_both_ways(tmp_path):
     hf.save_pretrained(tmp_path / "base")
     graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
     lora_config = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 2],
-                       rank_pattern={"model.layers.2.self_attn.q_proj": 2})
+                       rank_pattern={"model.layers.2.self_attn.q_proj": 2}, use_dora=use_dora)
     params = adapted(base, lora_config)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     ours = np.asarray(lorax.apply(graphdef, params, jnp.asarray(ids.numpy())))

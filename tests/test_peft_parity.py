@@ -45,6 +45,7 @@ TINY_CONFIGS = [
     dict(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], bias="all"),
     dict(r=4, target_modules=["q_proj", "up_proj"], rank_pattern={r"layers\.1\.self_attn\.q_proj": 1}, alpha_pattern={"up_proj": 2}),
     dict(r=2, target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2], use_dora=True),
+    dict(r=3, target_modules=["embed_tokens", "q_proj"], use_dora=True),
 ]
 
 def check_against_peft(torch_model, jax_fn, inputs, config, output_head=None):

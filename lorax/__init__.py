@@ -12,6 +12,7 @@ from lorax.apply import ModelDef, apply, split, with_dropout
 from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError, TargetError, UnsupportedOpError
+from lorax.loraplus import loraplus_optimizer
 from lorax.targets import select_targets
 from lorax.train import optimizer
 from lorax.transform import (
@@ -43,6 +44,7 @@ __all__ = [
     "disable_adapters",
     "is_adapter",
     "lora",
+    "loraplus_optimizer",
     "merge",
     "optimizer",
     "partition",

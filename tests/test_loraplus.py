@@ -45,9 +45,14 @@ def test_training_follows_peft(torch_tiny, use_dora):
     trainable, frozen = lorax.partition(params)
     state = tx.init(trainable)
     loss = lambda t: (lorax.apply(jax_tiny, lorax.combine(t, frozen), jnp.asarray(ids.numpy())) * weights.numpy()).sum()
-    for _ in range(STEPS):
+
+    @jax.jit
+    def step(trainable, state):
         updates, state = tx.update(jax.grad(loss)(trainable), state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        return optax.apply_updates(trainable, updates), state
+
+    for _ in range(STEPS):
+        trainable, state = step(trainable, state)
     trained = lorax.combine(trainable, frozen)
 
     theirs = dict(peft_model.named_parameters())

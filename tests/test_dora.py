@@ -126,3 +126,28 @@ def test_unmerge_takes_the_dora_update_back_out(torch_mlp):
     again = lorax.unmerge(lorax.merge(params), params)
     for i in (0, 2):
         np.testing.assert_allclose(again["seq"][i]["kernel"].w, params["seq"][i]["kernel"].w, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_model_with_fp32_dora_equals_peft(tmp_path):
+    """A bf16 model: the magnitudes stay fp32 on both sides (peft's autocast_adapter_dtype), the
+    norm and products follow the model's dtype, and the logits agree to bf16 resolution."""
+    import transformers
+
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2)).save_pretrained(tmp_path)
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path, progress=False, dtype=jnp.bfloat16))
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    params = perturb_trained_leaves(lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(1)),
+                                    jax.random.key(2))
+    kernel = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
+    assert (kernel.w.dtype, kernel.a.dtype, kernel.m.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
+    peft_model = peft.get_peft_model(
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval(), peft.LoraConfig(**config))
+    sync_into_peft(params, peft_model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = peft_model(ids).logits.float().numpy()
+    ours = np.asarray(lorax.apply(graphdef, params, jnp.asarray(ids.numpy())).astype(jnp.float32))
+    np.testing.assert_allclose(ours, theirs, atol=2e-2 * np.abs(theirs).max())

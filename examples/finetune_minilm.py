@@ -123,34 +123,37 @@ def compare_with_peft(adapter: Path, folder: Path, test: dict, ours: np.ndarray)
     """PeftModel over transformers' BertForSequenceClassification, with our adapter: same predictions."""
     try:
         import peft
-        import torch
+        import torch  # noqa: F401
         import transformers
     except ImportError:
         print("torch/transformers/peft are not installed: skipping the PeftModel comparison")
         return
     hf = transformers.BertForSequenceClassification.from_pretrained(folder, num_labels=2)
-    peft_model = peft.PeftModel.from_pretrained(hf, adapter).eval()
-    with torch.no_grad():
-        logits = peft_model(input_ids=torch.tensor(test["input_ids"]).long(),
-                            attention_mask=torch.tensor(test["attention_mask"]).long()).logits
-    theirs = logits.argmax(-1).numpy()
+    theirs = torch_predictions(peft.PeftModel.from_pretrained(hf, adapter).eval(), test)
     print(f"PeftModel (torch) predictions equal ours on {int((theirs == ours).sum())}/{len(ours)} held-out reviews; "
           f"its accuracy: {float((theirs == test['labels']).mean()):.3f}")
+
+
+def torch_predictions(model, data: dict) -> np.ndarray:
+    """The labels a torch sequence classifier predicts for tokenized `data`."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(data["input_ids"]).long(),
+                       attention_mask=torch.tensor(data["attention_mask"]).long()).logits
+    return logits.argmax(-1).numpy()
 
 
 def compare_with_transformers(merged: Path, test: dict, ours: np.ndarray) -> None:
     """transformers' own classifier from the merged folder: same predictions."""
     try:
-        import torch
+        import torch  # noqa: F401
         import transformers
     except ImportError:
         print("torch/transformers are not installed: skipping the merged-model comparison")
         return
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
-    with torch.no_grad():
-        logits = hf(input_ids=torch.tensor(test["input_ids"]).long(),
-                    attention_mask=torch.tensor(test["attention_mask"]).long()).logits
-    theirs = logits.argmax(-1).numpy()
+    theirs = torch_predictions(hf, test)
     print(f"transformers {type(hf).__name__} (merged) predictions equal ours on "
           f"{int((theirs == ours).sum())}/{len(ours)} held-out reviews")
 

@@ -64,19 +64,18 @@ def _torch_name(module: str, leaf: str) -> tuple[str, bool]:
     return ("weight" if leaf in ("embedding", "scale") else leaf), False
 
 
-def _module_factors(leaf: LoraArray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(module path, a (in, r), b (r, out)) per adapted module; a stack gives one per adapted layer."""
-    a, b = np.asarray(leaf.a), np.asarray(leaf.b)
-    if leaf.ranks is None:
-        return [(leaf.path, a, b)]
-    return [(leaf.path.replace("*", str(i)), a[i, :, :r], b[i, :r]) for i, r in enumerate(leaf.ranks) if r]
-
-
-def _module_magnitudes(leaf: DoraArray) -> list[tuple[str, int | None]]:
-    """(module path, layer) per adapted module of a DoRA leaf, in `_module_factors`' order."""
+def _adapted_modules(leaf: LoraArray) -> list[tuple[str, int | None]]:
+    """(module path, layer) per adapted module of a LoRA leaf; a stack gives one per adapted layer."""
     if leaf.ranks is None:
         return [(leaf.path, None)]
-    return [(leaf.path.replace("*", str(i)), i) for i, r in enumerate(leaf.ranks) if r]
+    return [(leaf.path.replace(STACK, str(i)), i) for i, r in enumerate(leaf.ranks) if r]
+
+
+def _module_factors(leaf: LoraArray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(module path, a (in, r), b (r, out)) per adapted module, the padding of stacked ranks removed."""
+    a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+    return [(path, a, b) if layer is None else (path, a[layer, :, :leaf.ranks[layer]], b[layer, :leaf.ranks[layer]])
+            for path, layer in _adapted_modules(leaf)]
 
 
 def adapter_state(params: Any) -> dict[str, np.ndarray]:
@@ -93,7 +92,7 @@ def adapter_state(params: Any) -> dict[str, np.ndarray]:
                 tensors[f"{PREFIX}{path}.{names[1]}"] = np.ascontiguousarray(b.T)
             if isinstance(leaf, DoraArray):
                 m = np.asarray(leaf.m)
-                for path, layer in _module_magnitudes(leaf):
+                for path, layer in _adapted_modules(leaf):
                     tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = np.ascontiguousarray(m if layer is None else m[layer])
     for path, leaf in leaves_by_path(params):
         if isinstance(leaf, TrainableArray):
@@ -110,12 +109,8 @@ def _trained_names(path: str, shape: tuple[int, ...], lora_modules: set[str]) ->
     layer), and under `base_layer` where the module (that layer's) has a LoRA adapter."""
     module, _, leaf = path.rpartition(".")
     torch_leaf, transpose = _torch_name(module, leaf)
-    parts = module.split(".")
-    if STACK in parts:
-        at = parts.index(STACK)
-        per_layer = [(".".join([*parts[:at], str(i), *parts[at + 1:]]), i) for i in range(shape[0])]
-    else:
-        per_layer = [(module, None)]
+    stacked = STACK in module.split(".")
+    per_layer = [(module.replace(STACK, str(i)), i) for i in range(shape[0])] if stacked else [(module, None)]
     return [(f"{PREFIX}{m}.base_layer.{torch_leaf}" if m in lora_modules else f"{PREFIX}{m}.{torch_leaf}", i, transpose)
             for m, i in per_layer]
 
@@ -298,7 +293,7 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
         leaf = eqx.tree_at(lambda l: (l.a, l.b), leaf, (jnp.asarray(a), jnp.asarray(b)))
         if isinstance(leaf, DoraArray):
             m = np.array(leaf.m).astype(dtype)
-            for path, layer in _module_magnitudes(leaf):
+            for path, layer in _adapted_modules(leaf):
                 if layer is None:
                     m = tensors[f"{PREFIX}{path}.{MAGNITUDE}"]
                 else:

@@ -174,7 +174,7 @@ class DoraArray(LoraArray):
     def magnitude_scale(self) -> jax.Array:
         """m / ‖w + s·a b‖ per output feature (..., out), the norm without gradient. Layers of a
         stack that the config leaves out (scale 0) have no DoRA in peft: their factor is 1."""
-        norm = lax.stop_gradient(jnp.linalg.norm(lax.stop_gradient(self.materialise()).astype(jnp.float32), axis=-2))
+        norm = jnp.linalg.norm(lax.stop_gradient(self.materialise()).astype(jnp.float32), axis=-2)
         factor = self.m.astype(jnp.float32) / norm
         return jnp.where(jnp.asarray(self.scale)[..., None] == 0, 1.0, factor)
 

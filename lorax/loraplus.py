@@ -25,9 +25,8 @@ import jax
 import optax
 
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
-from lorax.errors import LoraError
 from lorax.targets import dotted
-from lorax.transform import trainable_mask
+from lorax.train import require_trainable
 
 A, B, B_NO_DECAY, EMBEDDING, FROZEN = "A", "B", "B_no_decay", "embedding", "frozen"
 
@@ -54,9 +53,10 @@ def loraplus_labels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(group, params, is_leaf=is_adapter)
 
 
-def loraplus_optimizer(params: Any, *, learning_rate: float, loraplus_lr_ratio: float, loraplus_lr_embedding: float = 1e-6,
-             loraplus_weight_decay: float = 0.0, optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
-             **kwargs) -> optax.GradientTransformation:
+def loraplus_optimizer(params: Any, *, learning_rate: float, loraplus_lr_ratio: float,
+                       loraplus_lr_embedding: float = 1e-6, loraplus_weight_decay: float = 0.0,
+                       optimizer: Callable[..., optax.GradientTransformation] = optax.adamw,
+                       **kwargs) -> optax.GradientTransformation:
     """An optax transformation that trains a LoRA tree the LoRA+ way: like `lorax.optimizer(tx,
     params)` (frozen leaves get no update and no state), with one `optimizer` per group.
 
@@ -70,8 +70,7 @@ def loraplus_optimizer(params: Any, *, learning_rate: float, loraplus_lr_ratio: 
             (optax.adamw, optax.lion, ...).
         kwargs: passed to `optimizer` (b1, b2, eps, ...).
     """
-    if not any(jax.tree_util.tree_leaves(trainable_mask(params))):
-        raise LoraError("params have no trainable leaves: call lorax.lora(params, config, key=...) first")
+    require_trainable(params)
     b_rate = (lambda step: learning_rate(step) * loraplus_lr_ratio) if callable(learning_rate) \
         else learning_rate * loraplus_lr_ratio
     groups = {

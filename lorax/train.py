@@ -60,9 +60,14 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
         >>> grads = jax.tree_util.tree_map(jnp.ones_like, trainable)        # None (frozen) leaves stay None
         >>> updates, opt_state = opt.update(grads, opt_state, trainable)
     """
+    require_trainable(params)
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, _labels)
+
+
+def require_trainable(params: Any) -> None:
+    """Raise LoraError unless `params` has something to train (an optimizer over nothing is a mistake)."""
     if not any(jax.tree_util.tree_leaves(trainable_mask(params))):
         raise LoraError("params have no trainable leaves: call lorax.lora(params, config, key=...) first")
-    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, _labels)
 
 
 def default_tx(learning_rate: float, total_steps: int, *, warmup_steps: int | None = None, weight_decay: float = 0.0,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError
-from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, dequantize, quantize_like
+from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
 from lorax.targets import BIAS_LEAF, Target, dotted, is_value, modules, saved_module_paths, select_targets
 
 
@@ -180,11 +180,6 @@ def _quant_config(quantize: str | QuantConfig | None) -> QuantConfig | None:
     raise LoraConfigError(
         f"quantize must be None, one of {QUANT_TYPES} or a lorax.nf4.QuantConfig, got {quantize!r}"
     )
-
-
-def _dense(w) -> jax.Array:
-    """A base weight as a plain array: an NF4-quantized base (QLoRA) is dequantized."""
-    return dequantize(w) if isinstance(w, Nf4Array) else w
 
 
 def _check_lora_only_bias(config: LoraConfig, targets: list[Target], all_modules) -> None:

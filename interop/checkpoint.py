@@ -18,6 +18,7 @@ import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -123,6 +124,13 @@ def count_tensors(folder: str | os.PathLike) -> int | None:
             return None  # read_tensors will name the bad file
         total += len(header) - ("__metadata__" in header)
     return total
+
+
+def leaf_at(tree: dict, keys: tuple) -> Any:
+    """The leaf of a nested parameter dict at `keys` (e.g. a checkpoint slot's path in our tree)."""
+    for key in keys:
+        tree = tree[key]
+    return tree
 
 
 def atomic_write(folder: Path, files: dict[str, bytes | Callable[[str], None]]) -> None:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import atomic_write
+from interop.checkpoint import atomic_write, leaf_at
 from interop.hf import architecture_for, checkpoint_slots
 from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
@@ -66,19 +66,13 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         raise LoraError("save_merged needs the model's Hugging Face config: load the model with "
                         "interop.from_pretrained (it remembers config.json)")
     slots = checkpoint_slots(params, architecture_for(model))
-
-    def leaf(keys: tuple):
-        value = params
-        for key in keys:
-            value = value[key]
-        return value
-
-    dtypes = {name: np.dtype(jnp.dtype(dtype) if dtype is not None else leaf(slot.leaf).dtype) for name, slot in slots.items()}
+    dtypes = {name: np.dtype(jnp.dtype(dtype) if dtype is not None else leaf_at(params, slot.leaf).dtype)
+              for name, slot in slots.items()}
     sizes = {name: dtypes[name].itemsize * int(np.prod(slot.shape)) for name, slot in slots.items()}
     shards = _shards(sizes, max_shard_size)
 
     # Slots of one stacked leaf come one after another: keep only the current leaf on the host.
-    host = functools.lru_cache(maxsize=1)(lambda keys: np.asarray(leaf(keys)))
+    host = functools.lru_cache(maxsize=1)(lambda keys: np.asarray(leaf_at(params, keys)))
 
     def writer(names: list[str], label: str):
         def write(path: str):

@@ -31,11 +31,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from interop.checkpoint import CheckpointError, count_tensors, read_tensors
+from interop.checkpoint import CheckpointError, count_tensors, leaf_at, read_tensors
 from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import listing
-from lorax.sharding import param_shardings
 from lorax.models import (
     STACK,
     BertConfig,
@@ -47,6 +46,7 @@ from lorax.models import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+from lorax.sharding import param_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +241,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         if tuple(tensor.shape) != slot.shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
                                   f"(config.json and the weights disagree)")
-        target = _leaf(arrays, slot.leaf)
+        target = leaf_at(arrays, slot.leaf)
         copies.append(Copy(target if slot.layer is None else target[slot.layer], tensor, slot.transpose))
         filled.add(key)
     if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
@@ -280,9 +280,3 @@ def architecture_for(model: nnx.Module) -> Architecture:
 def _is_tied_head(name: str, config) -> bool:
     """Tied models may still store lm_head.weight (a copy of the embeddings); it is not needed."""
     return name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)
-
-
-def _leaf(tree: dict, keys: tuple) -> np.ndarray:
-    for key in keys:
-        tree = tree[key]
-    return tree

@@ -247,7 +247,6 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     return params
 
 
-
 def _without_wrapper_copies(tensors: dict[str, np.ndarray], weights: Path) -> dict[str, np.ndarray]:
     """peft with bias="all" also writes the biases inside a modules_to_save wrapper under their
     wrapper names (`<module>.modules_to_save.<adapter>.<leaf>`, `<module>.original_module.<leaf>`)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import CheckpointError
+from interop.checkpoint import CheckpointError, leaf_at
 from lorax.nf4 import BLOCKSIZES, CODEBOOKS, DYNAMIC_CODE, FLOAT_DTYPES, NESTED_BLOCKSIZE, Nf4Array
 
 _QUANT_STATE = re.compile(r"(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)")
@@ -113,11 +113,11 @@ class QuantizedWeights:
             # bitsandbytes quantizes torch's (out, in) Linear weight; our kernel is (in, out). GPT-2's
             # Conv1D is already (in, out) in torch, and transformers quantizes it as a Linear4bit too.
             out_in = slot.shape if slot.transpose else slot.shape[::-1]
-            target = _leaf(arrays, slot.leaf)
+            target = leaf_at(arrays, slot.leaf)
             by_leaf[slot.leaf][slot.layer] = _nf4_layer(weight, tensors, out_in, target.dtype)
             filled.add(key)
         for leaf, layers in by_leaf.items():
-            target = _leaf(arrays, leaf)
+            target = leaf_at(arrays, leaf)
             path = ".".join(map(str, leaf))
             if None in layers:
                 value = layers[None]
@@ -185,12 +185,6 @@ def _stack(layers: list[Nf4Array], path: str) -> Nf4Array:
         kinds = sorted({(q.quant_type, q.blocksize, q.double_quant) for q in layers})
         raise CheckpointError(f"{path}: the layers are quantized differently ((quant_type, blocksize, double_quant): "
                               f"{kinds}); lorax stacks them into one array, which needs one format") from None
-
-
-def _leaf(tree: dict, keys: tuple) -> Any:
-    for key in keys:
-        tree = tree[key]
-    return tree
 
 
 def _set_leaf(tree: dict, keys: tuple, value: Any) -> None:

@@ -8,7 +8,8 @@ A peft LoRA adapter is a folder with `adapter_config.json` (peft's LoraConfig fi
 modules_to_save copies as `base_model.model.<module path>.weight`, trained biases as
 `...<module path>.base_layer.bias` (adapted modules) or `...<module path>.bias`, and DoRA's
 magnitudes as `...<module path>.lora_magnitude_vector` (out,). Stacked layers are written one
-module per layer, as torch names them.
+module per layer, as torch names them. A PiSSA/OLoRA adapter is written as it is (its config
+makes peft recompute the residual base), or with `initial=` as a plain LoRA of rank 2r.
 
 >>> folder = getfixture("tmp_path") / "adapter"
 >>> interop.save_adapter(folder, params, config)            # PeftModel.from_pretrained(torch_model, folder)
@@ -17,7 +18,9 @@ module per layer, as torch names them.
 >>> params = interop.load_adapter(folder, base)             # also a folder written by peft
 """
 
+import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -160,8 +163,57 @@ def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     return save({name: np.ascontiguousarray(value) for name, value in tensors.items()}, metadata={"format": "pt"})
 
 
+def as_plain_lora(params: Any, initial: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter for the *original* base weight (peft's
+    `path_initial_model_for_weight_conversion`): the trained update on the residual,
+    W_res + s·B·A = W + s·(B·A - B₀·A₀), is the rank-2r adapter A' = [A; A₀], B' = [B, -B₀] on W.
+    The config doubles r and lora_alpha (√2·lora_alpha with rsLoRA) and the patterns' values, so
+    every scale stays, and its init is plain LoRA's.
+
+    Args:
+        params: the trained tree. initial: the tree `lorax.lora` returned, before training.
+        config: the config both were made with.
+
+    Returns:
+        (params holding the rank-2r factors, the matching config): only their adapters mean
+        anything (the bases are still the residuals); give both to `adapter_state`/`save_adapter`.
+    """
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise LoraError("converting to plain LoRA (initial=...) cannot keep the scales with use_rslora and "
+                        "rank_pattern/alpha_pattern (peft refuses it too)")
+    initial_leaves = {path: leaf for path, leaf in leaves_by_path(initial) if isinstance(leaf, LoraArray)}
+
+    def convert(keypath, leaf):
+        if not isinstance(leaf, LoraArray):
+            return leaf
+        path = dotted(keypath)
+        start = initial_leaves.get(path)
+        if start is None or start.a.shape != leaf.a.shape or start.b.shape != leaf.b.shape or start.ranks != leaf.ranks:
+            raise LoraError(f"initial params do not match the trained ones at {path!r}: pass the tree that "
+                            "lorax.lora returned for these params, before training")
+        a0, b0 = start.a.astype(leaf.a.dtype), start.b.astype(leaf.b.dtype)
+        if leaf.ranks is None:
+            a, b = jnp.concatenate([leaf.a, a0], -1), jnp.concatenate([leaf.b, -b0], -2)
+            return dataclasses.replace(leaf, a=a, b=b)
+        # A stack pads every layer to its largest rank: each layer's 2r columns go first.
+        layers, d_in, rank = leaf.a.shape
+        a, b = jnp.zeros((layers, d_in, 2 * rank), leaf.a.dtype), jnp.zeros((layers, 2 * rank, leaf.b.shape[-1]), leaf.b.dtype)
+        for i, r in enumerate(leaf.ranks):
+            a = a.at[i, :, :2 * r].set(jnp.concatenate([leaf.a[i, :, :r], a0[i, :, :r]], -1))
+            b = b.at[i, :2 * r].set(jnp.concatenate([leaf.b[i, :r], -b0[i, :r]], -2))
+        return dataclasses.replace(leaf, a=a, b=b, ranks=tuple(2 * r for r in leaf.ranks))
+
+    converted = jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_adapter)
+    alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+    return converted, dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=alpha, init_lora_weights=True,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
+
+
 def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
-                 base_model_name_or_path: str | None = None) -> None:
+                 base_model_name_or_path: str | None = None, *, initial: Any = None) -> None:
     """Write params' adapters in peft's format: `PeftModel.from_pretrained(model, directory)` loads them.
 
     Args:
@@ -169,9 +221,17 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
         params: a tree from `lorax.lora` (after training).
         config: the LoraConfig used to make it.
         base_model_name_or_path: recorded in adapter_config.json, as peft does.
+        initial: for PiSSA/OLoRA (init_lora_weights "pissa", "pissa_niter_<n>", "olora"), the tree
+            `lorax.lora` returned before training: the adapter is then written as a plain LoRA
+            of rank 2r for the original base (`as_plain_lora`), which needs no recomputed
+            residual (and no agreement of "pissa_niter_<n>"'s random iterations). Without it, the
+            adapter is written as trained, with its init in the config; peft (and `load_adapter`)
+            then recompute the residual from the original base when loading.
     """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
+    if initial is not None:
+        params, config = as_plain_lora(params, initial, config)
     tensors = adapter_state(params)
     if not tensors:
         raise LoraError("params hold no adapters to save: call lorax.lora(params, config, key=...) first")

@@ -10,6 +10,7 @@ A config written for peft means the same thing here:
 import dataclasses
 import functools
 import math
+import re
 from typing import Any
 
 from lorax.errors import LoraConfigError, listing, nearest
@@ -18,6 +19,14 @@ BIAS_MODES = ("none", "all", "lora_only")
 # peft's TaskType values (peft/utils/peft_types.py).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 ALL_LINEAR = "all-linear"
+# init_lora_weights values that decompose the base weight (lorax/decomposition.py).
+DECOMPOSITION_INITS = re.compile(r"pissa|pissa_niter_\d+|olora")
+
+
+def is_decomposition(init: bool | str) -> bool:
+    """Whether `init_lora_weights` is PiSSA or OLoRA: the adapter starts from the base weight's
+    decomposition and the base becomes the residual."""
+    return isinstance(init, str) and DECOMPOSITION_INITS.fullmatch(init) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,8 @@ class LoraConfig:
     # DoRA (weight-decomposed LoRA): a trained magnitude per output feature (lorax.DoraArray); linear layers.
     use_dora: bool = False
     # True: A kaiming-uniform (a=√5), B zero. "gaussian": A ~ N(0, 1/r), B zero.
+    # "pissa" / "pissa_niter_<n>" / "olora": A and B from the base weight's SVD / QR, the base
+    # replaced by the residual (lorax/decomposition.py; embeddings keep the default init, as in peft).
     # False: A and B both random (non-zero update; for tests).
     init_lora_weights: bool | str = True
     # True when the torch layer stores its weight as (in, out), like GPT-2's Conv1D.
@@ -132,10 +143,10 @@ def _validate(c: LoraConfig) -> None:
         fail(f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}")
     if c.bias not in BIAS_MODES:
         fail(f"bias must be one of {BIAS_MODES}, got {c.bias!r}")
-    if c.init_lora_weights not in (True, False, "gaussian"):
+    if c.init_lora_weights not in (True, False, "gaussian") and not is_decomposition(c.init_lora_weights):
         fail(
             f"init_lora_weights={c.init_lora_weights!r} is not supported; use True (kaiming-uniform A, zero B), "
-            "'gaussian' or False"
+            "'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or False"
         )
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")

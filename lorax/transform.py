@@ -7,7 +7,8 @@ Nothing here knows about models: a tree of arrays goes in, a tree comes out, and
 `lorax.apply` runs any function of that tree with the implicit arrays dispatched.
 
 >>> import jax, jax.numpy as jnp
->>> from lorax.config import LoraConfig
+>>> from lorax.config import LoraConfig, is_decomposition
+from lorax.decomposition import decompose_leaf
 >>> params = {"seq": {0: {"kernel": jnp.ones((20, 2000)), "bias": jnp.zeros(2000)}}}
 >>> adapted = lora(params, LoraConfig(r=3, target_modules=["seq.0"]), key=jax.random.key(0))
 >>> count_parameters(adapted)
@@ -20,9 +21,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from tqdm.auto import tqdm
 
 from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
-from lorax.config import LoraConfig
+from lorax.config import LoraConfig, is_decomposition
+from lorax.decomposition import decompose_leaf
 from lorax.errors import LoraConfigError, LoraError
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
 from lorax.targets import BIAS_LEAF, Target, dotted, is_value, modules, saved_module_paths, select_targets
@@ -59,14 +62,16 @@ def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.
     return a, jnp.zeros(b_shape, dtype)
 
 
-def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, **fields) -> LoraArray:
+def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype,
+                decomposed: dict | None = None, **fields) -> LoraArray:
     """One LoraArray for a stored kernel: a single module, or the adapted layers of a stack.
 
     A stack gets a and b padded to its largest rank (zeros: they add nothing and receive no
     gradient) and a per-layer scale that is 0 for layers the config leaves out. With use_dora,
-    a DoraArray."""
+    a DoraArray. `decomposed`: each target's (a, b) from `decompose_leaf` (PiSSA/OLoRA), keyed
+    by layer, instead of the random init."""
     first = targets[0]
-    leaf = _factors(w, targets, config, key, dtype, **fields)
+    leaf = _factors(w, targets, config, key, dtype, decomposed or {}, **fields)
     if not config.use_dora:
         return leaf
     if leaf.ensure_weight_tying:
@@ -75,18 +80,26 @@ def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: ja
     return DoraArray.from_lora(leaf)
 
 
-def _factors(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, **fields) -> LoraArray:
+def _factors(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, decomposed: dict,
+             **fields) -> LoraArray:
     init = config.init_lora_weights
+
+    def factors(t: Target, shape: tuple, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if t.layer in decomposed:
+            a, b = decomposed[t.layer]
+            return a.astype(dtype), b.astype(dtype)
+        return _init_factors(t.kind, t.r, shape, init, key, dtype)
+
     first = targets[0]
     if first.layer is None:
-        a, b = _init_factors(first.kind, first.r, w.shape, init, key, dtype)
+        a, b = factors(first, w.shape, key)
         return LoraArray(w, a, b, scale=config.scale_for(first.r, first.lora_alpha), path=first.path, **fields)
     layers, d_in, d_out = w.shape
     rank = max(t.r for t in targets)
     a, b = jnp.zeros((layers, d_in, rank), dtype), jnp.zeros((layers, rank, d_out), dtype)
     scale, ranks = [0.0] * layers, [0] * layers
     for t in targets:
-        a_t, b_t = _init_factors(t.kind, t.r, (d_in, d_out), init, jax.random.fold_in(key, t.layer), dtype)
+        a_t, b_t = factors(t, (d_in, d_out), jax.random.fold_in(key, t.layer))
         a, b = a.at[t.layer, :, : t.r].set(a_t), b.at[t.layer, : t.r].set(b_t)
         scale[t.layer], ranks[t.layer] = config.scale_for(t.r, t.lora_alpha), t.r
     return LoraArray(w, a, b, scale=jnp.asarray(scale, jnp.float32), path=first.stored_path, ranks=tuple(ranks),
@@ -115,7 +128,7 @@ def lora(
     Args:
         params: a parameter tree of arrays (e.g. from `lorax.split(model)`).
         config: which modules to adapt and how (`LoraConfig`, peft's fields).
-        key: PRNG key for A (and B with init_lora_weights=False).
+        key: PRNG key for A (and B with init_lora_weights=False, and pissa_niter_<n>'s iterations).
         output_head: module path of the output head that "all-linear" leaves out ("lm_head").
         adapter_dtype: dtype of A and B; default fp32 (or the base dtype if wider).
         allow_materialize: let operations without a factored rule form W + s·A·B.
@@ -127,7 +140,9 @@ def lora(
 
     Returns:
         The same tree with each targeted weight a `LoraArray`, trained biases and
-        modules_to_save leaves `TrainableArray`s, and every other leaf unchanged.
+        modules_to_save leaves `TrainableArray`s, and every other leaf unchanged. With
+        init_lora_weights "pissa", "pissa_niter_<n>" or "olora" the LoraArrays' bases are the
+        residuals of their decomposition (lorax/decomposition.py), quantized after it.
 
     Example:
         >>> params = lora(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), key=jax.random.key(0))
@@ -145,6 +160,11 @@ def lora(
     saved = saved_module_paths(config, params)
     keys = dict(zip(by_leaf, jax.random.split(key, len(by_leaf))))
     quant = _quant_config(quantize)
+    # PiSSA/OLoRA decompose every adapted linear weight (embeddings keep the default init, as in
+    # peft): an SVD or QR per module, minutes on a large model, hence the bar.
+    decomposing = is_decomposition(config.init_lora_weights)
+    bar = tqdm(total=sum(t.kind == "linear" for t in targets), desc=f"{config.init_lora_weights} init",
+               unit="module", disable=not decomposing, leave=False)
 
     def transform(keypath, leaf):
         path = dotted(keypath)
@@ -153,12 +173,15 @@ def lora(
         tie = config.ensure_weight_tying and module_path.rsplit(".", 1)[-1] in PEFT_EMBEDDING_LAYER_NAMES
         if path in by_leaf:
             group = by_leaf[path]
-            base = leaf
+            base, decomposed = leaf, None
+            if decomposing and group[0].kind == "linear":
+                # Before quantizing: the residual is what gets stored in 4 bits (QPiSSA).
+                base, decomposed = decompose_leaf(leaf, group, config, keys[path], bar)
             if quant is not None and group[0].kind == "linear" and module_path != output_head \
                     and not isinstance(leaf, Nf4Array):  # a pre-quantized base stays as it was
-                base = quant.quantize_kernel(leaf)
+                base = quant.quantize_kernel(base)
             return _lora_array(
-                base, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype),
+                base, group, config, keys[path], _adapter_dtype(leaf.dtype, adapter_dtype), decomposed,
                 dropout_rate=config.lora_dropout if group[0].kind == "linear" else 0.0,
                 allow_materialize=allow_materialize, ensure_weight_tying=tie,
             )
@@ -169,7 +192,8 @@ def lora(
         return leaf
 
     # Implicit arrays (a pre-quantized Nf4Array kernel) are leaves, not trees to walk into.
-    return jax.tree_util.tree_map_with_path(transform, params, is_leaf=is_value)
+    with bar:
+        return jax.tree_util.tree_map_with_path(transform, params, is_leaf=is_value)
 
 
 def _quant_config(quantize: str | QuantConfig | None) -> QuantConfig | None:

@@ -22,12 +22,17 @@ def _targets(text: str):
     return [name for name in text.split(",") if name]
 
 
+def _init(text: str) -> bool | str:
+    """--init-lora-weights: "true"/"false" as booleans, other names as they are."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def _config(args):
     import lorax
 
     return lorax.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                             target_modules=_targets(args.target_modules), task_type=args.task_type,
-                            use_dora=args.use_dora)
+                            use_dora=args.use_dora, init_lora_weights=_init(args.init_lora_weights))
 
 
 def _load(model_dir: str, dtype: str = "float32"):
@@ -93,6 +98,7 @@ def finetune(args) -> None:
 
     import interop
     import lorax
+    from lorax.config import is_decomposition
     from lorax.train import Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_train_step
 
     model, graphdef, base = _load(args.model, args.dtype)
@@ -114,8 +120,11 @@ def finetune(args) -> None:
                                  loss_chunk_size=args.loss_chunk_size), state, data, steps=args.steps,
                 batch_size=min(args.batch_size, len(data["input_ids"])), seed=args.seed, log_dir=out / "logs",
                 checkpoints=checkpoints, save_every=args.save_every)
+    # A PiSSA/OLoRA adapter is written as plain LoRA (rank 2r) for the original model, so that
+    # loading it needs no recomputed residual.
+    initial = params if is_decomposition(config.init_lora_weights) else None
     interop.save_adapter(out / "adapter", lorax.combine(state.trainable, frozen), config,
-                         base_model_name_or_path=str(Path(args.model).absolute()))
+                         base_model_name_or_path=str(Path(args.model).absolute()), initial=initial)
     print(f"adapter written to {out / 'adapter'} (peft format); logs and curves in {out / 'logs'}")
 
 
@@ -141,6 +150,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (default 0)")
         p.add_argument("--task-type", default="CAUSAL_LM", help="peft task_type recorded in the adapter")
         p.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output feature")
+        p.add_argument("--init-lora-weights", default="true",
+                       help='true (default), gaussian, or pissa / pissa_niter_<n> / olora: adapters from the '
+                            "weights' SVD / QR, the base replaced by the residual")
 
     p = commands.add_parser("inspect", help="list a model's module paths and what a LoRA config would adapt")
     p.add_argument("--model", required=True, help="a local Hugging Face model folder")

@@ -146,6 +146,28 @@ def test_qdora_on_loaded_params_matches_peft(quantized):
     np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_olora_on_the_4bit_base_matches_peft(quantized):
+    """OLoRA on a bitsandbytes 4-bit base: peft dequantizes, takes the QR, and quantizes the
+    residual again; so do we (Nf4Array in, Nf4Array out): the same factors, residual codes, logits."""
+    _, folder, (graphdef, base) = quantized["nf4-double"]
+    config = dict(init_lora_weights="olora", **QLORA)
+    params = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(1))
+    peft_model = peft.get_peft_model(load_bnb(folder), peft.LoraConfig(**config)).eval()
+    q_proj = params["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q_proj.w, lorax.Nf4Array) and q_proj.w.double_quant
+    for i in range(SMALL["num_hidden_layers"]):
+        theirs = peft_model.base_model.model.model.layers[i].self_attn.q_proj
+        np.testing.assert_allclose(np.asarray(q_proj.a[i]), theirs.lora_A["default"].weight.detach().numpy().T, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(q_proj.b[i]), theirs.lora_B["default"].weight.detach().numpy().T, atol=1e-5)
+        weight = theirs.base_layer.weight
+        # Rounding differences between two LAPACK builds' QRs could move a value across a code
+        # boundary (here every byte agrees): allow one byte in a thousand.
+        assert np.mean(np.asarray(layer(q_proj.w, i).packed) == weight.data.numpy().reshape(-1)) > 0.999
+    ids = tokens()
+    with torch.no_grad():
+        np.testing.assert_allclose(logits_of(graphdef, params, ids), peft_model(ids).logits.numpy(), atol=1e-4)
+
+
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_requantizing_merge_equals_peft(quantized, quantization):
     """merge(requantize=True) is peft's merge_and_unload on a bitsandbytes 4-bit model:

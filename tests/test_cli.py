@@ -39,14 +39,19 @@ def test_inspect_prints_peft_counts(model_dir, capsys):
 
 
 def test_finetune_then_merge(model_dir, tmp_path, capsys):
+    """PiSSA with the randomized SVD: the adapter is written as plain LoRA of rank 2r for the
+    original model, which PeftModel and our merge both load."""
     rng = np.random.default_rng(0)
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"input_ids": rng.integers(0, 64, 10).tolist()}) for _ in range(16)))
     out = tmp_path / "run"
     args = ["finetune", "--model", str(model_dir), "--data", str(data), "--target-modules", "q_proj,v_proj",
-            "--r", "4", "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--save-every", "2", "--out", str(out)]
+            "--r", "4", "--steps", "4", "--batch-size", "4", "--lr", "1e-2", "--save-every", "2",
+            "--init-lora-weights", "pissa_niter_2", "--out", str(out)]
     assert main(args) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "logs" / "curves.png").is_file()
+    written = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["init_lora_weights"]) == (8, 32, True)
     assert main(args[:-2] + ["--steps", "6", "--resume", "--out", str(out)]) == 0
     assert "resuming from step 4" in capsys.readouterr().out
 

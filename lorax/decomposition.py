@@ -15,7 +15,8 @@ at init, and a trained adapter only means something on top of that residual. pef
 recomputes the same residual (exactly for "pissa" and "olora"; with "pissa_niter_<n>" only as
 far as the random iterations agree). `interop.save_adapter(..., initial=...)` instead writes a
 plain LoRA adapter of rank 2r that needs nothing but the original base (peft's
-`path_initial_model_for_weight_conversion`).
+`path_initial_model_for_weight_conversion`). `lorax.disable_adapters` gives the residual
+model, not the original (peft's `disable_adapter()` too).
 
 Decompositions run in float32 on the dense weight; the residual keeps the base's dtype.
 QLoRA: `lorax.lora(..., quantize="nf4")` quantizes the *residual* (the QPiSSA recipe: the

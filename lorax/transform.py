@@ -7,8 +7,7 @@ Nothing here knows about models: a tree of arrays goes in, a tree comes out, and
 `lorax.apply` runs any function of that tree with the implicit arrays dispatched.
 
 >>> import jax, jax.numpy as jnp
->>> from lorax.config import LoraConfig, is_decomposition
-from lorax.decomposition import decompose_leaf
+>>> from lorax.config import LoraConfig
 >>> params = {"seq": {0: {"kernel": jnp.ones((20, 2000)), "bias": jnp.zeros(2000)}}}
 >>> adapted = lora(params, LoraConfig(r=3, target_modules=["seq.0"]), key=jax.random.key(0))
 >>> count_parameters(adapted)

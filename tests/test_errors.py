@@ -23,7 +23,7 @@ def mlp_params():
         (dict(target_modules=["q"], rank_pattern={"q": -1}), r"rank_pattern\['q'\] must be a positive integer"),
         (dict(target_modules=["q"], bias="some"), r"bias must be one of \('none', 'all', 'lora_only'\)"),
         (dict(target_modules=["q"], lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
-        (dict(target_modules=["q"], init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
+        (dict(target_modules=["q"], init_lora_weights="loftq"), r"init_lora_weights='loftq' is not supported"),
         (dict(target_modules=["q"], task_type="CAUSAL"), r"task_type must be one of"),
         (dict(), r"target_modules is required"),
         (dict(target_modules=[]), r"non-empty list"),

@@ -191,17 +191,18 @@ def as_plain_lora(params: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
         if start is None or start.a.shape != leaf.a.shape or start.b.shape != leaf.b.shape or start.ranks != leaf.ranks:
             raise LoraError(f"initial params do not match the trained ones at {path!r}: pass the tree that "
                             "lorax.lora returned for these params, before training")
-        a0, b0 = start.a.astype(leaf.a.dtype), start.b.astype(leaf.b.dtype)
+        # On the host, in numpy: a few small arrays per module, assembled once for a file.
+        a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+        a0, b0 = np.asarray(start.a).astype(a.dtype), np.asarray(start.b).astype(b.dtype)
         if leaf.ranks is None:
-            a, b = jnp.concatenate([leaf.a, a0], -1), jnp.concatenate([leaf.b, -b0], -2)
-            return dataclasses.replace(leaf, a=a, b=b)
+            return dataclasses.replace(leaf, a=np.concatenate([a, a0], -1), b=np.concatenate([b, -b0], -2))
         # A stack pads every layer to its largest rank: each layer's 2r columns go first.
-        layers, d_in, rank = leaf.a.shape
-        a, b = jnp.zeros((layers, d_in, 2 * rank), leaf.a.dtype), jnp.zeros((layers, 2 * rank, leaf.b.shape[-1]), leaf.b.dtype)
+        layers, d_in, rank = a.shape
+        a2, b2 = np.zeros((layers, d_in, 2 * rank), a.dtype), np.zeros((layers, 2 * rank, b.shape[-1]), b.dtype)
         for i, r in enumerate(leaf.ranks):
-            a = a.at[i, :, :2 * r].set(jnp.concatenate([leaf.a[i, :, :r], a0[i, :, :r]], -1))
-            b = b.at[i, :2 * r].set(jnp.concatenate([leaf.b[i, :r], -b0[i, :r]], -2))
-        return dataclasses.replace(leaf, a=a, b=b, ranks=tuple(2 * r for r in leaf.ranks))
+            a2[i, :, :2 * r] = np.concatenate([a[i, :, :r], a0[i, :, :r]], -1)
+            b2[i, :2 * r] = np.concatenate([b[i, :r], -b0[i, :r]], -2)
+        return dataclasses.replace(leaf, a=a2, b=b2, ranks=tuple(2 * r for r in leaf.ranks))
 
     converted = jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_adapter)
     alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)

@@ -113,7 +113,7 @@ def decompose_leaf(leaf: jax.Array | Nf4Array, targets: list[Target], config: Lo
                 "lorax.lora(full_precision_params, config, key=key, quantize='nf4') does both"
             )
         dense = dequantize(leaf)
-    factors = {}
+    factors, residuals = {}, {}
     for t in targets:
         kernel = dense if t.layer is None else dense[t.layer]
         if t.r > min(kernel.shape):
@@ -121,9 +121,11 @@ def decompose_leaf(leaf: jax.Array | Nf4Array, targets: list[Target], config: Lo
                                   f"{min(kernel.shape)} (the rank of the weight), got r={t.r}")
         a, b, residual = decompose(kernel, r=t.r, scale=config.scale_for(t.r, t.lora_alpha), method=method,
                                    key=key if t.layer is None else jax.random.fold_in(key, t.layer))
-        factors[t.layer] = (a, b)
-        residual = residual.astype(dense.dtype)
-        dense = residual if t.layer is None else dense.at[t.layer].set(residual)
+        factors[t.layer], residuals[t.layer] = (a, b), residual.astype(dense.dtype)
         if bar is not None:
             bar.update()
+    if None in residuals:
+        dense = residuals[None]
+    else:  # one new stack (not a copy of the whole stack per adapted layer)
+        dense = jnp.stack([residuals.get(i, dense[i]) for i in range(dense.shape[0])])
     return (quantize_like(dense, leaf) if isinstance(leaf, Nf4Array) else dense), factors

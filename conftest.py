@@ -17,7 +17,8 @@ import pytest
 # rounded the same (XLA:CPU does not enable fast-math at any level). The NF4 bit-exactness
 # tests are also run at the default level, in a subprocess (tests/test_nf4.py).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-if not os.environ.get("LORAX_TEST_DEFAULT_XLA"):
+if not os.environ.get("LORAX_TEST_DEFAULT_XLA") and FAST_COMPILE not in os.environ.get("XLA_FLAGS", "").split():
+    # (pytest-xdist's workers inherit the flag from the main process)
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 

@@ -93,8 +93,9 @@ def test_bit_exact_with_bitsandbytes(quant_type, double_quant, dtype, blocksize,
 def test_bit_exact_at_xla_default_optimization():
     """The suite compiles with LLVM at -O0 (conftest.py); the bitsandbytes bit-exactness tests run
     again at XLA's default level, where LLVM may contract multiply-adds, in a fresh interpreter."""
-    env = {**os.environ, "LORAX_TEST_DEFAULT_XLA": "1",
-           "XLA_FLAGS": os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")}
+    # (An XLA_FLAGS of blanks would be read as a file name: keep only the other flags.)
+    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag != "--xla_backend_optimization_level=0"]
+    env = {**os.environ, "LORAX_TEST_DEFAULT_XLA": "1", "XLA_FLAGS": " ".join(flags)}
     # Every (quant_type, double_quant, dtype) at blocksize 64, and the rounding-boundary tests.
     selected = "(bit_exact_with and 64) or rounds_like_bnb or double_quant_codes"
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],

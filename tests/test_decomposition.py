@@ -12,6 +12,8 @@ import numpy as np
 import peft
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import transformers
 from safetensors.numpy import load_file
 
@@ -19,6 +21,7 @@ import interop
 import lorax
 from conftest import jax_mlp, torch_to_params
 from lorax import nf4
+from lorax.decomposition import decompose
 from lorax.targets import leaves_by_path
 
 MLP_CONFIGS = [
@@ -230,3 +233,23 @@ def test_decomposition_errors(torch_mlp, tmp_path):
     with pytest.raises(lorax.LoraError, match="initial params do not match the trained ones at 'seq.2.kernel'"):
         interop.save_adapter(tmp_path, params, config, initial=other)
     assert not any(tmp_path.iterdir())
+
+
+@settings(max_examples=8, deadline=None)
+@given(d_in=st.integers(2, 12), d_out=st.integers(2, 12), data=st.data(),
+       method=st.sampled_from(["pissa", "pissa_niter_6", "olora"]), scale=st.sampled_from([0.5, 2.0]))
+def test_decomposition_properties(d_in, d_out, data, method, scale):
+    """For any shape and rank: residual + s·a@b is the kernel; PiSSA's residual holds exactly the
+    singular values it left out (Eckart-Young: a@b is the best rank-r part); OLoRA's b has
+    orthonormal rows (Q's columns)."""
+    r = data.draw(st.integers(1, min(d_in, d_out)))
+    kernel = np.random.default_rng(d_in * 13 + d_out).standard_normal((d_in, d_out)).astype(np.float32)
+    a, b, residual = decompose(jnp.asarray(kernel), r=r, scale=scale, method=method, key=jax.random.key(0))
+    a, b, residual = np.asarray(a), np.asarray(b), np.asarray(residual)
+    np.testing.assert_allclose(residual + scale * a @ b, kernel, atol=1e-4)
+    singular = np.linalg.svd(kernel, compute_uv=False)
+    if method == "pissa":
+        np.testing.assert_allclose(np.linalg.svd(residual, compute_uv=False)[: len(singular) - r], singular[r:],
+                                   atol=1e-4)
+    if method == "olora":
+        np.testing.assert_allclose(b @ b.T, np.eye(r), atol=1e-5)

@@ -253,3 +253,20 @@ def test_decomposition_properties(d_in, d_out, data, method, scale):
                                    atol=1e-4)
     if method == "olora":
         np.testing.assert_allclose(b @ b.T, np.eye(r), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_qpissa_example_on_the_real_minilm():
+    """examples/qpissa_minilm.py: on real weights, QPiSSA starts closer to the full-precision
+    model than QLoRA, and more so as r grows (the PiSSA paper's quantization-error claim)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "qpissa_minilm.py"
+    spec = importlib.util.spec_from_file_location("qpissa_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = {(name, r): (weight, hidden) for name, r, weight, hidden in example.main()}
+    for r in (8, 32, 64):
+        assert rows["QPiSSA", r][0] < rows["QLoRA", r][0]
+    assert rows["QPiSSA", 64][1] < 0.9 * rows["QLoRA", 64][1] and rows["QPiSSA", 64][0] < rows["QPiSSA", 8][0]

@@ -151,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--task-type", default="CAUSAL_LM", help="peft task_type recorded in the adapter")
         p.add_argument("--use-dora", action="store_true", help="DoRA: a trained magnitude per output feature")
         p.add_argument("--init-lora-weights", default="true",
-                       help='true (default), gaussian, or pissa / pissa_niter_<n> / olora: adapters from the '
+                       help='true (default), gaussian, orthogonal, or pissa / pissa_niter_<n> / olora: adapters from the '
                             "weights' SVD / QR, the base replaced by the residual")
 
     p = commands.add_parser("inspect", help="list a model's module paths and what a LoRA config would adapt")

@@ -64,6 +64,7 @@ class LoraConfig:
     # DoRA (weight-decomposed LoRA): a trained magnitude per output feature (lorax.DoraArray); linear layers.
     use_dora: bool = False
     # True: A kaiming-uniform (a=√5), B zero. "gaussian": A ~ N(0, 1/r), B zero.
+    # "orthogonal": A and B both non-zero, B·A = 0 (peft's; even ranks only).
     # "pissa" / "pissa_niter_<n>" / "olora": A and B from the base weight's SVD / QR, the base
     # replaced by the residual (lorax/decomposition.py; embeddings keep the default init, as in peft).
     # False: A and B both random (non-zero update; for tests).
@@ -143,11 +144,16 @@ def _validate(c: LoraConfig) -> None:
         fail(f"lora_dropout must be in [0, 1), got {c.lora_dropout!r}")
     if c.bias not in BIAS_MODES:
         fail(f"bias must be one of {BIAS_MODES}, got {c.bias!r}")
-    if c.init_lora_weights not in (True, False, "gaussian") and not is_decomposition(c.init_lora_weights):
+    plain_inits = (True, False, "gaussian", "orthogonal")
+    if c.init_lora_weights not in plain_inits and not is_decomposition(c.init_lora_weights):
         fail(
             f"init_lora_weights={c.init_lora_weights!r} is not supported; use True (kaiming-uniform A, zero B), "
-            "'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or False"
+            "'gaussian', 'orthogonal', 'pissa', 'pissa_niter_<n>', 'olora' or False"
         )
+    if c.init_lora_weights == "orthogonal":
+        odd = {name: rank for name, rank in {"r": c.r, **c.rank_pattern}.items() if rank % 2}
+        if odd:
+            fail(f"init_lora_weights='orthogonal' needs even ranks (half of Q's rows go to A, half to B); odd: {odd}")
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")
     if c.target_modules is None:

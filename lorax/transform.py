@@ -40,6 +40,9 @@ def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.
 
     Linear: A is kaiming-uniform with a=√5 (uniform in ±1/√in, torch's nn.Linear default)
     or N(0, 1/r²) for "gaussian"; B is zero, so the adapted model equals the base at init.
+    "orthogonal" (peft's orthogonal_init): A = G_a·Q_odd/10, B = Q_evenᵀ·G_b/10 with G Gaussian and
+    Q_odd, Q_even the odd and even rows of a random orthogonal r×r matrix, so both factors are
+    non-zero but a·b = G_a·Q_odd·Q_evenᵀ·G_b/100 = 0 (the rows of Q are orthonormal).
     Embedding: A zero, B standard normal (peft's choice for lora_embedding_A/B).
     init=False: both random, so the update is non-zero (for tests).
     """
@@ -49,6 +52,12 @@ def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.
     if kind == "embedding":
         a = jax.random.normal(key_a, a_shape, dtype) if init is False else jnp.zeros(a_shape, dtype)
         return a, jax.random.normal(key_b, b_shape, dtype)
+    if init == "orthogonal":
+        key_q, key_a, key_b = jax.random.split(key, 3)
+        q = jnp.linalg.qr(jax.random.normal(key_q, (r, r), jnp.float32))[0]
+        a = jax.random.normal(key_a, (d_in, r // 2), jnp.float32) @ q[0::2] / 10.0
+        b = q[1::2].T @ jax.random.normal(key_b, (r // 2, d_out), jnp.float32) / 10.0
+        return a.astype(dtype), b.astype(dtype)
     if init == "gaussian":
         a = jax.random.normal(key_a, a_shape, dtype) / r
     else:

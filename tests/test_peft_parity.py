@@ -1,12 +1,16 @@
 """lorax against peft on the same torch/JAX models: which modules are adapted, the printed
 counts, the outputs with the same A/B, the merged weights, and the disabled-adapter outputs."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 
+import interop
 import lorax
 from conftest import (
     adapted_paths,
@@ -145,3 +149,29 @@ def test_kaiming_init_distribution_matches_peft(torch_mlp):
     assert ours.shape == theirs.T.shape
     np.testing.assert_allclose(np.abs(ours).max(), np.abs(theirs).max(), rtol=1e-2)
     np.testing.assert_allclose(ours.std(), theirs.std(), rtol=2e-2)
+
+
+def test_orthogonal_init_matches_peft(torch_mlp, tmp_path):
+    """init_lora_weights="orthogonal": A and B both non-zero with B·A = 0 (the base at init), their
+    entries spread like peft's; odd ranks refused as peft refuses them; our adapter loads in peft."""
+    config = dict(r=64, target_modules=["seq.2"], init_lora_weights="orthogonal")
+    params = lorax.lora(torch_to_params(torch_mlp), lorax.LoraConfig(**config), key=jax.random.key(0))
+    leaf = params["seq"][2]["kernel"]
+    torch.manual_seed(0)
+    peft_model = peft_model_for(torch_mlp, **config)
+    theirs = peft_model.base_model.model.seq[2]
+    a_t, b_t = theirs.lora_A["default"].weight.detach().numpy().T, theirs.lora_B["default"].weight.detach().numpy().T
+    a, b = np.asarray(leaf.a), np.asarray(leaf.b)
+    assert a.shape == a_t.shape and b.shape == b_t.shape
+    np.testing.assert_allclose(a @ b, 0, atol=1e-6)
+    np.testing.assert_allclose(a_t @ b_t, 0, atol=1e-6)
+    np.testing.assert_allclose([a.std(), b.std()], [a_t.std(), b_t.std()], rtol=0.05)
+    with pytest.raises(lorax.LoraConfigError, match="even ranks.*'seq.0': 3"):
+        lorax.LoraConfig(r=4, target_modules=["seq.0"], init_lora_weights="orthogonal", rank_pattern={"seq.0": 3})
+    with pytest.raises(ValueError, match="even"):
+        peft_model_for(torch_mlp, r=3, target_modules=["seq.2"], init_lora_weights="orthogonal")
+    interop.save_adapter(tmp_path / "ours", params, lorax.LoraConfig(**config))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_mlp), tmp_path / "ours").base_model.model.seq[2]
+    np.testing.assert_array_equal(loaded.lora_B["default"].weight.detach().numpy().T, b)
+    peft_model.save_pretrained(tmp_path / "peft")
+    np.testing.assert_array_equal(interop.load_adapter(tmp_path / "peft", torch_to_params(torch_mlp))["seq"][2]["kernel"].a, a_t)

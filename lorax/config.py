@@ -19,8 +19,9 @@ BIAS_MODES = ("none", "all", "lora_only")
 # peft's TaskType values (peft/utils/peft_types.py).
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 ALL_LINEAR = "all-linear"
-# init_lora_weights values that decompose the base weight (lorax/decomposition.py).
-DECOMPOSITION_INITS = re.compile(r"pissa|pissa_niter_\d+|olora")
+# init_lora_weights values that decompose the base weight (lorax/decomposition.py); the group is
+# pissa_niter_<n>'s number of iterations.
+DECOMPOSITION_INITS = re.compile(r"pissa|pissa_niter_(\d+)|olora")
 
 
 def is_decomposition(init: bool | str) -> bool:

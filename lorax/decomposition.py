@@ -32,19 +32,17 @@ True
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from lorax.config import LoraConfig
+from lorax.config import DECOMPOSITION_INITS, LoraConfig
 from lorax.errors import LoraConfigError
 from lorax.nf4 import Nf4Array, dequantize, quantize_like
 from lorax.targets import Target
 
-PISSA, OLORA = "pissa", "olora"
-_NITER = re.compile(r"pissa_niter_(\d+)")
+OLORA = "olora"
 
 
 def _randomized_svd(w: jax.Array, r: int, niter: int, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -83,13 +81,13 @@ def decompose(kernel: jax.Array, *, r: int, scale: float, method: str,
         q, upper = jnp.linalg.qr(w)
         lora_a, lora_b = upper[:r], q[:, :r]  # (r, in), (out, r)
     else:
-        niter = _NITER.fullmatch(method)
-        if niter is None and method != PISSA:
+        match = DECOMPOSITION_INITS.fullmatch(method)
+        if match is None:
             raise LoraConfigError(f"unknown decomposition {method!r}; use 'pissa', 'pissa_niter_<n>' or 'olora'")
-        if niter is None:
+        if match.group(1) is None:  # "pissa": the full SVD
             v, s, uh = jnp.linalg.svd(w, full_matrices=False)
         else:
-            v, s, uh = _randomized_svd(w, r, int(niter.group(1)), key)
+            v, s, uh = _randomized_svd(w, r, int(match.group(1)), key)
         root = jnp.sqrt(s[:r] / scale)
         lora_a, lora_b = root[:, None] * uh[:r], v[:, :r] * root[None, :]
     a, b = lora_a.T, lora_b.T

@@ -1,5 +1,6 @@
-"""Llama / Mistral / Qwen2 loaded from transformers' own save_pretrained folders: logits,
-generation, LoRA counts and PeftModel outputs all equal the real libraries'."""
+"""The Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2/3) loaded from transformers' own
+save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs all equal the real
+libraries'."""
 
 import json
 
@@ -14,25 +15,44 @@ import transformers
 import interop
 import lorax
 from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
+from lorax.models import LlamaConfig
 from lorax.models.generate import generate
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
+# Sliding windows of 4 keys: the test sequences (9 tokens, 15 when generating) are longer.
+GEMMA = dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=6)
 VARIANTS = {
     "llama3": (transformers.LlamaConfig, dict(rope_scaling=LLAMA3_ROPE)),
     "llama-tied-bias": (transformers.LlamaConfig, dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "mistral": (transformers.MistralConfig, {}),
+    "mistral-window": (transformers.MistralConfig, dict(sliding_window=4)),
     "qwen2": (transformers.Qwen2Config, {}),
+    # q/k norms; head_dim apart from hidden/heads; sliding from layer 1 on
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
+    "gemma2": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(**GEMMA, rope_local_base_freq=100.0, sliding_window_pattern=2,
+                                                   rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
+WINDOWED = ["mistral-window", "qwen3", "gemma2", "gemma3"]
 SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="40KB")}
+# The file formats are read the same way whatever the architecture: each is tried on the first four.
+CASES = [(variant, save) for variant in VARIANTS for save in SAVES if save == "safetensors" or variant in
+         ("llama3", "llama-tied-bias", "mistral", "qwen2")]
 
 
-def hf_model(variant):
+def hf_model(variant, **changes):
     config_class, extra = VARIANTS[variant]
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **extra)).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **{**extra, **changes})).eval()
+    with torch.no_grad():  # norms away from their init (ones, or zeros for Gemma's offsets), q/k norms too
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +79,7 @@ def logits_of(graphdef, params, ids, mask=None):
     return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("save", SAVES)
+@pytest.mark.parametrize("variant,save", CASES)
 def test_logits_equal_transformers(variant, save, tmp_path):
     model = hf_model(variant)
     model.save_pretrained(tmp_path, **SAVES[save])
@@ -75,6 +94,46 @@ def test_logits_equal_transformers(variant, save, tmp_path):
     np.testing.assert_allclose(logits_of(graphdef, params, ids, mask)[real], padded[real], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("variant", WINDOWED)
+def test_sliding_window_changes_these_logits(variant):
+    """The parity tests above see the window: transformers' logits with a window longer than the
+    sequence differ from the windowed model's (same weights: the window is not a parameter)."""
+    ids, mask = tokens()
+    with torch.no_grad():
+        windowed = hf_model(variant)(ids).logits.numpy()
+        unwindowed = hf_model(variant, sliding_window=1000)(ids).logits.numpy()
+    assert np.abs(windowed[:, :4] - unwindowed[:, :4]).max() < 1e-5  # the first 4 queries see all keys anyway
+    assert np.abs(windowed - unwindowed).max() > 1e-2
+
+
+@pytest.mark.parametrize("hf_config", [
+    (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)),
+    (transformers.Qwen3Config, dict(use_sliding_window=False, sliding_window=4)),
+    (transformers.MistralConfig, dict(sliding_window=4)),
+    (transformers.Gemma2Config, dict(sliding_window=4)),
+    (transformers.Gemma3TextConfig, dict(sliding_window=4, sliding_window_pattern=3, rope_theta=1e5,
+                                         rope_local_base_freq=50.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    (transformers.LlamaConfig, dict(rope_theta=5e4)),
+], ids=lambda c: c[0].__name__)
+def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
+    """A transformers 4.x config.json (no layer_types, rope_theta / rope_local_base_freq /
+    rope_scaling): which layers slide and which RoPE bases they use, as transformers 5 reads it."""
+    config_class, extra = hf_config
+    old = dict(model_type=config_class.model_type, **{**SMALL, "num_hidden_layers": 6}, **extra)
+    theirs = config_class(**old)
+    ours = LlamaConfig.from_hf(old)
+    layer_types = getattr(theirs, "layer_types", None) or ["full_attention"] * 6
+    if config_class is transformers.MistralConfig:  # Mistral slides on every layer when it has a window
+        layer_types = ["sliding_attention"] * 6
+    assert [("sliding_attention" if s else "full_attention") for s in ours.sliding_layers] == list(layer_types)
+    assert ours.sliding_window == (theirs.sliding_window if "sliding_attention" in layer_types else None)
+    rope = theirs.rope_parameters
+    full, sliding = (rope["full_attention"], rope["sliding_attention"]) if "full_attention" in rope else (rope, None)
+    assert ours.rope_theta == full["rope_theta"]
+    assert ours.local_rope_theta == (sliding and sliding["rope_theta"])
+    assert (dict(ours.rope_scaling or {}).get("factor")) == full.get("factor")
+
+
 def test_bf16_compute_is_close(saved):
     model, folder = saved["llama3"]
     graphdef, params = lorax.split(interop.from_pretrained(folder, dtype=jnp.bfloat16, progress=False))
@@ -85,12 +144,17 @@ def test_bf16_compute_is_close(saved):
     np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.1)
 
 
-def test_greedy_generation_equals_transformers(saved):
-    model, folder = saved["llama3"]
+@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "gemma2", "gemma3"])
+def test_greedy_generation_equals_transformers(saved, variant):
+    """With a KV cache, sliding windows and soft caps included (15 tokens > window of 4)."""
+    model, folder = saved[variant]
     graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
     ids, mask = tokens(length=5, seed=1)
     with torch.no_grad():
-        plain = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+        # An explicit all-ones mask: without one, transformers infers a mask from pad_token_id,
+        # and these prompts contain token 0.
+        plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                               pad_token_id=0).numpy()
         padded = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
     np.testing.assert_array_equal(generate(graphdef, params, jnp.asarray(ids.numpy()), max_new_tokens=10), plain)
     np.testing.assert_array_equal(
@@ -111,7 +175,7 @@ LORA_CONFIGS = [
 
 
 @pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
-@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", "qwen3", "gemma3"])
 def test_lora_matches_peft(saved, variant, config):
     """Same targets, same printed counts, and with the same non-zero A/B the same logits as PeftModel."""
     model, folder = saved[variant]
@@ -134,8 +198,31 @@ def test_lora_matches_peft(saved, variant, config):
     real = mask.numpy().astype(bool)
     assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    # Against peft's merge, not its unmerged model: with a tied head (Gemma) and adapted embeddings,
+    # merging changes the table the head shares, in peft too.
+    with torch.no_grad():
+        theirs_merged = peft_model.merge_and_unload()(ids, attention_mask=mask).logits.numpy()
     merged = lorax.merge(params)
-    np.testing.assert_allclose(logits_of(graphdef, merged, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(logits_of(graphdef, merged, ids, mask)[real], theirs_merged[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["qwen3", "gemma2"])
+def test_merged_export_loads_in_transformers(saved, variant, tmp_path):
+    """save_merged of the newer members: transformers rebuilds the same architecture (its q/k and
+    sandwich norms, windows, soft caps from the config.json we write) and gives our logits."""
+    _, folder = saved[variant]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                        key=jax.random.key(0), output_head="lm_head")
+    ids, mask = tokens()
+    merged = lorax.merge(params)
+    interop.save_merged(tmp_path, graphdef, merged)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(hf_model(variant))
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        theirs = loaded(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(theirs[real], logits_of(graphdef, merged, ids, mask)[real], atol=1e-4, rtol=1e-4)
 
 
 TRAINED_LEAF_CONFIGS = [

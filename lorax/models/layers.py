@@ -88,15 +88,23 @@ def empty_cache(layers: int, batch: int, max_length: int, kv_heads: int, head_di
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) · weight, computed in fp32 as transformers does (parameter named `weight`)."""
+    """x / rms(x) · weight, computed in fp32 as transformers does (parameter named `weight`).
 
-    def __init__(self, size: int, eps: float, config):
-        self.weight = nnx.Param(jnp.ones((size,), config.param_dtype))
+    With `unit_offset` (Gemma), the weight is stored as an offset from one: x / rms(x) · (1 + weight),
+    multiplied in fp32 before the cast back (Llama casts first, then multiplies: transformers'
+    two orders differ in bf16, so both are kept).
+    """
+
+    def __init__(self, size: int, eps: float, config, unit_offset: bool = False):
+        self.weight = nnx.Param(jnp.full((size,), 0.0 if unit_offset else 1.0, config.param_dtype))
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed * (1.0 + self.weight.get_value().astype(jnp.float32))).astype(x.dtype)
         return self.weight.get_value() * normed.astype(x.dtype)
 
 
@@ -116,19 +124,27 @@ class LayerNorm(nnx.Module):
         return normed * self.weight.get_value().astype(x.dtype) + self.bias.get_value().astype(x.dtype)
 
 
-def causal_mask(seq: int, attention_mask: jax.Array | None) -> jax.Array:
-    """(batch or 1, 1, seq, seq) booleans: query i sees key j <= i, and only unpadded keys."""
-    mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+def causal_mask(seq: int, attention_mask: jax.Array | None, window: int | None = None) -> jax.Array:
+    """(batch or 1, 1, seq, seq) booleans: query i sees key j <= i, and only unpadded keys; with a
+    sliding `window`, only the last `window` keys (i - window < j), as transformers masks them."""
+    query, key = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
+    mask = (key <= query)[None, None]
+    if window is not None:
+        mask = mask & (key > query - window)[None, None]
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]
     return mask
 
 
-def cached_mask(seq: int, max_length: int, cache_index, attention_mask: jax.Array | None) -> jax.Array:
+def cached_mask(seq: int, max_length: int, cache_index, attention_mask: jax.Array | None,
+                window: int | None = None) -> jax.Array:
     """(batch or 1, 1, seq, max_length) booleans for tokens written at cache_index: query i sees
-    cached key j when j <= cache_index + i, and only unpadded keys (attention_mask is (b, max_length))."""
-    query = cache_index + jnp.arange(seq)[:, None]
-    mask = (jnp.arange(max_length)[None, :] <= query)[None, None]
+    cached key j when j <= cache_index + i (and j > cache_index + i - window with a sliding
+    window), and only unpadded keys (attention_mask is (b, max_length))."""
+    query, key = cache_index + jnp.arange(seq)[:, None], jnp.arange(max_length)[None, :]
+    mask = (key <= query)[None, None]
+    if window is not None:
+        mask = mask & (key > query - window)[None, None]
     if attention_mask is not None:
         mask = mask & attention_mask.astype(bool)[:, None, None, :]
     return mask
@@ -141,12 +157,13 @@ def padding_mask(attention_mask: jax.Array | None, seq: int) -> jax.Array:
     return attention_mask.astype(bool)[:, None, None, :]
 
 
-def attention(q, k, v, mask, *, scale: float) -> jax.Array:
+def attention(q, k, v, mask, *, scale: float, softcap: float | None = None) -> jax.Array:
     """Softmax attention with grouped-query heads; scores and softmax in fp32.
 
     Args:
         q: (batch, q_len, heads, head_dim); k, v: (batch, k_len, kv_heads, head_dim).
         mask: booleans broadcastable to (batch, 1, q_len, k_len); False = masked.
+        softcap: scores become softcap·tanh(scores / softcap) before the mask (Gemma 2).
 
     Returns:
         (batch, q_len, heads, head_dim) in v's dtype.
@@ -155,6 +172,8 @@ def attention(q, k, v, mask, *, scale: float) -> jax.Array:
     kv_heads = k.shape[2]
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     # A large negative number rather than -inf: fully padded rows stay finite (no NaN gradients).
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) as a Flax NNX model whose parameter paths are
+"""The Llama family (Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3) as a Flax NNX model whose parameter paths are
 Hugging Face's module names: `model.embed_tokens`, `model.layers.3.self_attn.q_proj`, `lm_head`.
 
 The decoder layers are stored stacked, under `model.layers.*` (leading axis = layer), and run
@@ -20,16 +20,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import (STACK, RMSNorm, attention, cached_mask, causal_mask, empty_cache, linear,
-                                  lm_logits, run_stacked, stacked)
+from lorax.models.layers import (STACK, RMSNorm, activation, attention, cached_mask, causal_mask, empty_cache,
+                                  linear, lm_logits, run_stacked, stacked)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' layer_types values
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """The fields of transformers' LlamaConfig that change the computation.
+    """The fields of transformers' config that change the computation, for the whole family.
 
-    Mistral is this with a sliding window (ignored here: exact for sequences shorter than the
-    window); Qwen2 is this with q/k/v biases (`qkv_bias=True`).
+    Mistral is Llama with a sliding window on every layer; Qwen2 adds q/k/v biases
+    (`qkv_bias=True`); Qwen3 normalizes q and k per head (`qk_norm=True`); Gemma stores its
+    norms as offsets from one, scales the embeddings by sqrt(hidden_size) and uses a tanh GELU;
+    Gemma 2 adds norms after attention and MLP (`sandwich_norm`), soft-capped scores and logits
+    and alternating sliding-window layers; Gemma 3 drops the soft caps, adds q/k norms and gives
+    its sliding layers their own RoPE base (`local_rope_theta`). `from_hf` sets these switches
+    from config.json's `model_type` and fields, as transformers' modeling files do.
     """
 
     vocab_size: int
@@ -41,14 +50,33 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3 scaling as sorted (key, value) pairs: hashable
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # linear / llama3 scaling as sorted (key, value) pairs: hashable
     attention_bias: bool = False  # q, k, v and o biases (Llama's option)
     qkv_bias: bool = False  # q, k, v biases only (Qwen2)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    qk_norm: bool = False  # RMSNorm over each head of q and k, before RoPE (Qwen3, Gemma 3)
+    sliding_window: int | None = None  # sliding layers see only the last `sliding_window` keys
+    layer_types: tuple[str, ...] | None = None  # per layer, one of ATTENTION_KINDS; None: all full, or
+    #                                             all sliding when sliding_window is set (Mistral)
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    unit_offset_norm: bool = False  # norms scale by (1 + weight) (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    sandwich_norm: bool = False  # post_attention_layernorm on the attention output, pre/post_feedforward_layernorm (Gemma 2/3)
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 instead of head_dim ** -0.5 (Gemma 2/3)
+    attn_logit_softcapping: float | None = None  # scores -> cap·tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap·tanh(logits / cap) (Gemma 2)
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(ATTENTION_KINDS):
+                raise ValueError(f"layer_types must give one of {ATTENTION_KINDS} for each of the "
+                                 f"{self.num_hidden_layers} layers, got {self.layer_types}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
 
     @property
     def kv_heads(self) -> int:
@@ -58,29 +86,93 @@ class LlamaConfig:
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through the sliding window."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_hidden_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
-        """From a config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: default, llama3)")
+        """From a config.json dict (transformers 4.x `rope_theta`/`rope_scaling`/`rope_local_base_freq`
+        or 5.x `rope_parameters`, also per layer type)."""
+        model_type = hf.get("model_type")
         fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "dtype")}
-        values.update(rope_theta=theta, rope_scaling=tuple(sorted(rope.items())) if rope_type == "llama3" else None)
-        if hf.get("model_type") == "qwen2":
-            values["qkv_bias"] = True  # Qwen2's q/k/v projections always carry a bias
+        values = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "dtype", "layer_types")}
+        values.update(_rope_fields(hf))
+        values.update(_attention_kinds(hf, model_type))
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+        # Gemma's config.json says "gelu" but means the tanh approximation (transformers' GemmaConfig maps it).
+        values["hidden_act"] = "gelu_pytorch_tanh" if gemma and act == "gelu" else act
+        activation(values["hidden_act"])  # an unsupported activation fails here, by name
+        if "tie_word_embeddings" not in hf:  # the config class's default, which config.json may leave out
+            values["tie_word_embeddings"] = gemma
+        values.update(
+            qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            unit_offset_norm=gemma,
+            scale_embeddings=gemma,
+            sandwich_norm=model_type in ("gemma2", "gemma3_text"),
+        )
         return cls(**{**values, **overrides})
 
 
-def rope_frequencies(config: LlamaConfig) -> jax.Array:
-    """Inverse frequencies (head_dim/2,), with llama3 scaling when configured (as transformers)."""
+def _rope_type(rope: dict, default_theta: float) -> tuple[float, tuple | None]:
+    """(theta, scaling as sorted pairs or None) from one RoPE parameter dict; unsupported types raise."""
+    rope = dict(rope)
+    theta = rope.pop("rope_theta", default_theta)
+    rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: {', '.join(ROPE_TYPES)})")
+    return theta, (None if rope_type == "default" else tuple(sorted(rope.items())))
+
+
+def _rope_fields(hf: dict) -> dict:
+    """rope_theta, rope_scaling and local_rope_theta from any of transformers' spellings."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta, scaling = _rope_type(rope.get("full_attention", rope), hf.get("rope_theta", 10000.0))
+    local = hf.get("rope_local_base_freq")
+    if "sliding_attention" in rope:  # transformers 5's per-layer-type parameters (Gemma 3)
+        local, local_scaling = _rope_type(rope["sliding_attention"], local or theta)
+        if local_scaling is not None:
+            raise NotImplementedError("RoPE scaling on sliding-window layers is not supported yet")
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local)
+
+
+def _attention_kinds(hf: dict, model_type: str | None) -> dict:
+    """sliding_window and layer_types as transformers' modeling files use them: Mistral slides on
+    every layer; Qwen only with use_sliding_window, from layer max_window_layers on; Gemma 2
+    alternates; Gemma 3 slides on all but every sliding_window_pattern-th layer."""
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None or model_type == "mistral":
+        return dict(sliding_window=window, layer_types=None)
+    layers = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if kinds is None and model_type in ("qwen2", "qwen3"):
+        first = hf.get("max_window_layers", layers)
+        kinds = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    elif kinds is None and model_type in ("gemma2", "gemma3_text"):
+        every = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern", 6)
+        kinds = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
+    return dict(sliding_window=window, layer_types=None if kinds is None else tuple(kinds))
+
+
+def rope_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling when configured (as
+    transformers); a sliding layer with its own base (`local_rope_theta`) is unscaled."""
     dim = config.head_size
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    if not config.rope_scaling:
+    local = sliding and config.local_rope_theta is not None
+    theta = config.local_rope_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if not config.rope_scaling or local:
         return inv_freq
     scaling = dict(config.rope_scaling)
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -106,18 +198,27 @@ class LlamaAttention(nnx.Module):
         self.k_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
         self.v_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
         self.o_proj = linear(heads * head, hidden, config.attention_bias, config, rngs)
+        if config.qk_norm:
+            self.q_norm = norm(head, config)
+            self.k_norm = norm(head, config)
         self.heads, self.kv_heads, self.head = heads, kv_heads, head
+        self.qk_norm = config.qk_norm
+        self.scale = (config.query_pre_attn_scalar or head) ** -0.5
+        self.softcap = config.attn_logit_softcapping
 
     def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
         batch, seq, _ = h.shape
-        q = apply_rope(self.q_proj(h).reshape(batch, seq, self.heads, self.head), cos, sin)
-        k = apply_rope(self.k_proj(h).reshape(batch, seq, self.kv_heads, self.head), cos, sin)
+        q = self.q_proj(h).reshape(batch, seq, self.heads, self.head)
+        k = self.k_proj(h).reshape(batch, seq, self.kv_heads, self.head)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(h).reshape(batch, seq, self.kv_heads, self.head)
         if cache is not None:
             k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
                     for c, new in zip(cache, (k, v)))
             cache = (k, v)
-        out = attention(q, k, v, mask, scale=self.head**-0.5)
+        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         return self.o_proj(out.reshape(batch, seq, self.heads * self.head)), cache
 
 
@@ -127,22 +228,39 @@ class LlamaMLP(nnx.Module):
         self.gate_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
         self.up_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
         self.down_proj = linear(inner, hidden, config.mlp_bias, config, rngs)
+        self.hidden_act = config.hidden_act
 
     def __call__(self, h):
-        return self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.down_proj(activation(self.hidden_act)(self.gate_proj(h)) * self.up_proj(h))
+
+
+def norm(size: int, config: LlamaConfig) -> RMSNorm:
+    return RMSNorm(size, config.rms_norm_eps, config, unit_offset=config.unit_offset_norm)
 
 
 class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks; with `sandwich_norm` (Gemma 2/3) their outputs are
+    normed too, and transformers' `post_attention_layernorm` is that output norm (the MLP's input
+    norm is then `pre_feedforward_layernorm`)."""
+
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.self_attn = LlamaAttention(config, rngs=rngs)
         self.mlp = LlamaMLP(config, rngs=rngs)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.input_layernorm = norm(config.hidden_size, config)
+        self.post_attention_layernorm = norm(config.hidden_size, config)
+        if config.sandwich_norm:
+            self.pre_feedforward_layernorm = norm(config.hidden_size, config)
+            self.post_feedforward_layernorm = norm(config.hidden_size, config)
+        self.sandwich_norm = config.sandwich_norm
 
-    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
-        attended, cache = self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, cache_index)
-        h = h + attended
-        return h + self.mlp(self.post_attention_layernorm(h)), cache
+    def __call__(self, h, kind, cos, sin, mask, cache=None, cache_index=None):
+        """`kind` indexes the leading axis of cos, sin and mask: this layer's attention kind."""
+        attended, cache = self.self_attn(self.input_layernorm(h), cos[kind], sin[kind], mask[kind], cache, cache_index)
+        if not self.sandwich_norm:
+            h = h + attended
+            return h + self.mlp(self.post_attention_layernorm(h)), cache
+        h = h + self.post_attention_layernorm(attended)
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), cache
 
 
 class LlamaModel(nnx.Module):
@@ -151,7 +269,7 @@ class LlamaModel(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                       param_dtype=config.param_dtype, rngs=rngs)
         self.layers = stacked(lambda r: LlamaDecoderLayer(config, rngs=r), config.num_hidden_layers, rngs)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config)
+        self.norm = norm(config.hidden_size, config)
         # Gradient checkpointing of the decoder layers (`model.set_attributes(remat=True)`, or
         # `make_train_step(..., remat=True)`): the backward pass keeps each layer's input and
         # recomputes the rest of the layer, layer by layer, instead of keeping every activation.
@@ -160,21 +278,33 @@ class LlamaModel(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
         """Hidden states (b, s, hidden). With a KV cache (`init_cache`), the tokens are written at
         `cache_index` and attend to everything before them; returns (hidden, new cache) then."""
+        config = self.config
         batch, seq = input_ids.shape
         if position_ids is None:
             start = 0 if cache_index is None else cache_index
             position_ids = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
-        freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(self.config)
-        angles = jnp.concatenate([freqs, freqs], axis=-1)
-        cos, sin = jnp.cos(angles).astype(self.config.dtype), jnp.sin(angles).astype(self.config.dtype)
-        if cache is None:
-            mask = causal_mask(seq, attention_mask)
-        else:
-            mask = cached_mask(seq, cache[0].shape[2], cache_index, attention_mask)
+        # One RoPE table and mask per attention kind (full, sliding) in use, stacked; each layer
+        # picks its own by index, so the scanned layer body stays the same for every layer.
+        kinds = sorted(set(config.sliding_layers))
+        cos, sin, masks = [], [], []
+        for sliding in kinds:
+            freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(config, sliding)
+            angles = jnp.concatenate([freqs, freqs], axis=-1)
+            cos.append(jnp.cos(angles).astype(config.dtype))
+            sin.append(jnp.sin(angles).astype(config.dtype))
+            window = config.sliding_window if sliding else None
+            if cache is None:
+                masks.append(causal_mask(seq, attention_mask, window))
+            else:
+                masks.append(cached_mask(seq, cache[0].shape[2], cache_index, attention_mask, window))
+        layer_kind = jnp.asarray([kinds.index(sliding) for sliding in config.sliding_layers], jnp.int32)
         h = self.embed_tokens(input_ids)
+        if config.scale_embeddings:
+            h = h * jnp.asarray(config.hidden_size**0.5, h.dtype)
 
-        h, cache = run_stacked(self.layers[STACK], h, cos, sin, mask, cache, cache_index, remat=self.remat,
-                               in_axes=(None, None, None, 0, None), out_axes=(nnx.Carry, 0))
+        h, cache = run_stacked(self.layers[STACK], h, layer_kind, jnp.stack(cos), jnp.stack(sin), jnp.stack(masks),
+                               cache, cache_index, remat=self.remat, in_axes=(0, None, None, None, 0, None),
+                               out_axes=(nnx.Carry, 0))
         h = self.norm(h)
         return h if cache is None else (h, cache)
 
@@ -210,8 +340,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.model(input_ids, attention_mask, position_ids)
 
     def logits(self, h):
-        """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings."""
-        return lm_logits(h, self.model.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
+        """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings
+        (soft-capped when the config says so)."""
+        logits = lm_logits(h, self.model.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         return self.model.init_cache(batch, max_length, dtype)

@@ -87,6 +87,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "GemmaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "Phi3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
     "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),

@@ -3,6 +3,7 @@ save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs a
 libraries'."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +33,19 @@ VARIANTS = {
     "qwen2": (transformers.Qwen2Config, {}),
     # q/k norms; head_dim apart from hidden/heads; sliding from layer 1 on
     "qwen3": (transformers.Qwen3Config, dict(head_dim=16, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # fused qkv_proj and gate_up_proj; then also a half-width rotary with LongRoPE factors that switch
+    # from short to long past 8 positions (the logits' 9 tokens; generation crosses it)
+    "phi3": (transformers.Phi3Config, dict(pad_token_id=0, eos_token_id=1, sliding_window=4)),
+    "phi3-longrope": (transformers.Phi3Config, dict(
+        pad_token_id=0, eos_token_id=1, partial_rotary_factor=0.5, max_position_embeddings=32,
+        original_max_position_embeddings=8,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]})),
     "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
     "gemma2": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     "gemma3": (transformers.Gemma3TextConfig, dict(**GEMMA, rope_local_base_freq=100.0, sliding_window_pattern=2,
                                                    rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
-WINDOWED = ["mistral-window", "qwen3", "gemma2", "gemma3"]
+WINDOWED = ["mistral-window", "qwen3", "phi3", "gemma2", "gemma3"]
 SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="40KB")}
 # The file formats are read the same way whatever the architecture: each is tried on the first four.
 CASES = [(variant, save) for variant in VARIANTS for save in SAVES if save == "safetensors" or variant in
@@ -114,6 +122,9 @@ def test_sliding_window_changes_these_logits(variant):
     (transformers.Gemma3TextConfig, dict(sliding_window=4, sliding_window_pattern=3, rope_theta=1e5,
                                          rope_local_base_freq=50.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     (transformers.LlamaConfig, dict(rope_theta=5e4)),
+    (transformers.Phi3Config, dict(sliding_window=4, partial_rotary_factor=0.5, max_position_embeddings=32,
+                                   original_max_position_embeddings=8, rope_theta=500.0,
+                                   rope_scaling={"type": "longrope", "short_factor": [1.0] * 2, "long_factor": [3.0] * 2})),
 ], ids=lambda c: c[0].__name__)
 def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
     """A transformers 4.x config.json (no layer_types, rope_theta / rope_local_base_freq /
@@ -123,7 +134,7 @@ def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
     theirs = config_class(**old)
     ours = LlamaConfig.from_hf(old)
     layer_types = getattr(theirs, "layer_types", None) or ["full_attention"] * 6
-    if config_class is transformers.MistralConfig:  # Mistral slides on every layer when it has a window
+    if config_class in (transformers.MistralConfig, transformers.Phi3Config):  # every layer slides, given a window
         layer_types = ["sliding_attention"] * 6
     assert [("sliding_attention" if s else "full_attention") for s in ours.sliding_layers] == list(layer_types)
     assert ours.sliding_window == (theirs.sliding_window if "sliding_attention" in layer_types else None)
@@ -131,7 +142,12 @@ def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
     full, sliding = (rope["full_attention"], rope["sliding_attention"]) if "full_attention" in rope else (rope, None)
     assert ours.rope_theta == full["rope_theta"]
     assert ours.local_rope_theta == (sliding and sliding["rope_theta"])
-    assert (dict(ours.rope_scaling or {}).get("factor")) == full.get("factor")
+    assert ours.partial_rotary_factor == full.get("partial_rotary_factor", 1.0)
+    scaling = dict(ours.rope_scaling or {})
+    assert scaling.get("rope_type", "default") == full["rope_type"]
+    for key in ("factor", "original_max_position_embeddings", "short_factor", "long_factor"):
+        if key in full and key in scaling:
+            assert scaling[key] == (tuple(full[key]) if isinstance(full[key], list) else full[key]), key
 
 
 def test_bf16_compute_is_close(saved):
@@ -144,9 +160,10 @@ def test_bf16_compute_is_close(saved):
     np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.1)
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "gemma2", "gemma3"])
 def test_greedy_generation_equals_transformers(saved, variant):
-    """With a KV cache, sliding windows and soft caps included (15 tokens > window of 4)."""
+    """With a KV cache, sliding windows, soft caps and LongRoPE's switch to its long factors
+    included (15 tokens > window of 4, > LongRoPE's 8)."""
     model, folder = saved[variant]
     graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
     ids, mask = tokens(length=5, seed=1)
@@ -174,10 +191,17 @@ LORA_CONFIGS = [
 ]
 
 
+def fused_names(config: dict) -> dict:
+    """The same LoRA config for Phi-3's fused modules: q_proj -> qkv_proj, v_proj -> gate_up_proj."""
+    text = re.sub(r"\bq_proj\b", "qkv_proj", re.sub(r"\bv_proj\b", "gate_up_proj", json.dumps(config)))
+    return json.loads(text)
+
+
 @pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
-@pytest.mark.parametrize("variant", ["llama3", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", "qwen3", "phi3", "gemma3"])
 def test_lora_matches_peft(saved, variant, config):
     """Same targets, same printed counts, and with the same non-zero A/B the same logits as PeftModel."""
+    config = fused_names(config) if variant.startswith("phi3") else config
     model, folder = saved[variant]
     graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
     ids, mask = tokens()

@@ -51,12 +51,32 @@ def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens
     tokens = jnp.zeros((batch, total), input_ids.dtype).at[:, :prompt].set(input_ids)
     tokens = tokens.at[:, prompt].set(pick(logits[:, -1], jax.random.fold_in(key, 0)).astype(tokens.dtype))
 
-    def step(index, state):
-        tokens, cache = state
+    def one_token(index, tokens, cache):
         current = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
         position = jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1)
         logits, cache = apply(graphdef, params, current, mask, position, cache, index)
-        chosen = pick(logits[:, -1], jax.random.fold_in(key, index)).astype(tokens.dtype)
+        return logits[:, -1], cache
+
+    def everything(index, tokens, cache):
+        """The cache rebuilt from all tokens so far (those after `index` are placeholders: causally
+        masked now, overwritten when generated; their positions are held at index's, so that they
+        do not count towards the longest position)."""
+        held = jnp.where(jnp.arange(total) > index, jax.lax.dynamic_slice_in_dim(positions, index, 1, axis=1), positions)
+        logits, cache = apply(graphdef, params, tokens, mask, held, jax.tree_util.tree_map(jnp.zeros_like, cache), 0)
+        return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), cache
+
+    # Phi-3 with LongRoPE: when the input first grows past the pretraining length, transformers'
+    # generate drops the cache and runs the whole sequence again (its keys were rotated by the
+    # short factors); so do we, at that one step.
+    recompute_at = apply(lambda p: getattr(graphdef.module(p), "cache_recompute_length", None), params)
+
+    def step(index, state):
+        tokens, cache = state
+        if recompute_at is None or prompt > recompute_at:
+            logits, cache = one_token(index, tokens, cache)
+        else:
+            logits, cache = jax.lax.cond(index == recompute_at, everything, one_token, index, tokens, cache)
+        chosen = pick(logits, jax.random.fold_in(key, index)).astype(tokens.dtype)
         return jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], index + 1, axis=1), cache
 
     tokens, _ = jax.lax.fori_loop(prompt, total - 1, step, (tokens, cache))

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3) as a Flax NNX model whose parameter paths are
+"""The Llama family (Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3/4) as a Flax NNX model whose parameter paths are
 Hugging Face's module names: `model.embed_tokens`, `model.layers.3.self_attn.q_proj`, `lm_head`.
 
 The decoder layers are stored stacked, under `model.layers.*` (leading axis = layer), and run
@@ -24,7 +24,7 @@ from lorax.models.layers import (STACK, RMSNorm, activation, attention, cached_m
                                   linear, lm_logits, run_stacked, stacked)
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' layer_types values
 
 
@@ -37,7 +37,9 @@ class LlamaConfig:
     norms as offsets from one, scales the embeddings by sqrt(hidden_size) and uses a tanh GELU;
     Gemma 2 adds norms after attention and MLP (`sandwich_norm`), soft-capped scores and logits
     and alternating sliding-window layers; Gemma 3 drops the soft caps, adds q/k norms and gives
-    its sliding layers their own RoPE base (`local_rope_theta`). `from_hf` sets these switches
+    its sliding layers their own RoPE base (`local_rope_theta`); Phi-3 fuses q/k/v into
+    `qkv_proj` and gate/up into `gate_up_proj` (`fused_projections`), may rotate only part of
+    each head (`partial_rotary_factor`) and uses LongRoPE scaling. `from_hf` sets these switches
     from config.json's `model_type` and fields, as transformers' modeling files do.
     """
 
@@ -50,7 +52,8 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # linear / llama3 scaling as sorted (key, value) pairs: hashable
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # linear / llama3 / longrope parameters as sorted (key, value) pairs: hashable
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first this-fraction of each head's dimensions (Phi-3)
     attention_bias: bool = False  # q, k, v and o biases (Llama's option)
     qkv_bias: bool = False  # q, k, v biases only (Qwen2)
     mlp_bias: bool = False
@@ -67,6 +70,7 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 instead of head_dim ** -0.5 (Gemma 2/3)
     attn_logit_softcapping: float | None = None  # scores -> cap·tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None  # logits -> cap·tanh(logits / cap) (Gemma 2)
+    fused_projections: bool = False  # one qkv_proj and one gate_up_proj (Phi-3)
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -85,6 +89,10 @@ class LlamaConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_size(self) -> int:
+        return int(self.head_size * self.partial_rotary_factor)
 
     @property
     def sliding_layers(self) -> tuple[bool, ...]:
@@ -110,6 +118,7 @@ class LlamaConfig:
         if "tie_word_embeddings" not in hf:  # the config class's default, which config.json may leave out
             values["tie_word_embeddings"] = gemma
         values.update(
+            fused_projections=model_type == "phi3",
             qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
             qk_norm=model_type in ("qwen3", "gemma3_text"),
             unit_offset_norm=gemma,
@@ -119,36 +128,48 @@ class LlamaConfig:
         return cls(**{**values, **overrides})
 
 
-def _rope_type(rope: dict, default_theta: float) -> tuple[float, tuple | None]:
+def _rope_type(rope: dict, hf: dict, default_theta: float) -> tuple[float, tuple | None]:
     """(theta, scaling as sorted pairs or None) from one RoPE parameter dict; unsupported types raise."""
-    rope = dict(rope)
+    rope = {k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k != "partial_rotary_factor"}
     theta = rope.pop("rope_theta", default_theta)
     rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: {', '.join(ROPE_TYPES)})")
+    if rope_type == "longrope":  # the defaults transformers' _compute_longrope_parameters fills in
+        # Phi-3 keeps its pretraining length outside the RoPE parameters, and transformers prefers that one.
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+            or hf["max_position_embeddings"]
+        factor = rope.get("factor") or hf["max_position_embeddings"] / original
+        attention = rope.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=attention)
     return theta, (None if rope_type == "default" else tuple(sorted(rope.items())))
 
 
 def _rope_fields(hf: dict) -> dict:
-    """rope_theta, rope_scaling and local_rope_theta from any of transformers' spellings."""
+    """rope_theta, rope_scaling, local_rope_theta and partial_rotary_factor from any of
+    transformers' spellings."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    theta, scaling = _rope_type(rope.get("full_attention", rope), hf.get("rope_theta", 10000.0))
+    full = rope.get("full_attention", rope)
+    theta, scaling = _rope_type(full, hf, hf.get("rope_theta", 10000.0))
     local = hf.get("rope_local_base_freq")
     if "sliding_attention" in rope:  # transformers 5's per-layer-type parameters (Gemma 3)
-        local, local_scaling = _rope_type(rope["sliding_attention"], local or theta)
+        local, local_scaling = _rope_type(rope["sliding_attention"], hf, local or theta)
         if local_scaling is not None:
             raise NotImplementedError("RoPE scaling on sliding-window layers is not supported yet")
-    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local)
+    partial = full.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local, partial_rotary_factor=partial)
 
 
 def _attention_kinds(hf: dict, model_type: str | None) -> dict:
-    """sliding_window and layer_types as transformers' modeling files use them: Mistral slides on
-    every layer; Qwen only with use_sliding_window, from layer max_window_layers on; Gemma 2
+    """sliding_window and layer_types as transformers' modeling files use them: Mistral and Phi-3
+    slide on every layer; Qwen only with use_sliding_window, from layer max_window_layers on; Gemma 2
     alternates; Gemma 3 slides on all but every sliding_window_pattern-th layer."""
     window = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
-    if window is None or model_type == "mistral":
+    if window is None or model_type in ("mistral", "phi3"):
         return dict(sliding_window=window, layer_types=None)
     layers = hf["num_hidden_layers"]
     kinds = hf.get("layer_types")
@@ -161,10 +182,11 @@ def _attention_kinds(hf: dict, model_type: str | None) -> dict:
     return dict(sliding_window=window, layer_types=None if kinds is None else tuple(kinds))
 
 
-def rope_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
-    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling when configured (as
-    transformers); a sliding layer with its own base (`local_rope_theta`) is unscaled."""
-    dim = config.head_size
+def rope_frequencies(config: LlamaConfig, sliding: bool = False, long: bool = False) -> jax.Array:
+    """Inverse frequencies (rotary_size/2,), with linear, llama3 or LongRoPE scaling when configured
+    (as transformers; `long`: LongRoPE's factors for sequences past the pretraining length); a
+    sliding layer with its own base (`local_rope_theta`) is unscaled."""
+    dim = config.rotary_size
     local = sliding and config.local_rope_theta is not None
     theta = config.local_rope_theta if local else config.rope_theta
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
@@ -173,6 +195,8 @@ def rope_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
     scaling = dict(config.rope_scaling)
     if scaling["rope_type"] == "linear":
         return inv_freq / scaling["factor"]
+    if scaling["rope_type"] == "longrope":
+        return inv_freq / jnp.asarray(scaling["long_factor" if long else "short_factor"], jnp.float32)
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -183,20 +207,45 @@ def rope_frequencies(config: LlamaConfig, sliding: bool = False) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
+def rope_cos_sin(config: LlamaConfig, position_ids: jax.Array, sliding: bool) -> tuple[jax.Array, jax.Array]:
+    """cos and sin (batch, seq, rotary_size) for these positions, in the compute dtype. LongRoPE
+    takes its long factors when the furthest position passes the pretraining length (per call,
+    as transformers' dynamic update) and scales both by its attention factor."""
+    def angles(long):
+        freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(config, sliding, long)
+        return jnp.concatenate([freqs, freqs], axis=-1)
+
+    scaling = dict(config.rope_scaling or ())
+    if scaling.get("rope_type") != "longrope" or (sliding and config.local_rope_theta is not None):
+        both, factor = angles(False), 1.0
+    else:
+        long = jnp.max(position_ids) + 1 > scaling["original_max_position_embeddings"]
+        both, factor = jnp.where(long, angles(True), angles(False)), scaling["attention_factor"]
+    return (jnp.cos(both) * factor).astype(config.dtype), (jnp.sin(both) * factor).astype(config.dtype)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate (batch, seq, heads, head_dim) by position, in transformers' half-split layout."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    """Rotate (batch, seq, heads, head_dim) by position, in transformers' half-split layout; with
+    partial rotary (cos narrower than a head) the rest of each head passes through."""
+    rotary = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    half = rotary // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = (x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+    return out if rotary == x.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 class LlamaAttention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         hidden, heads, kv_heads, head = config.hidden_size, config.num_attention_heads, config.kv_heads, config.head_size
         qkv_bias = config.attention_bias or config.qkv_bias
-        self.q_proj = linear(hidden, heads * head, qkv_bias, config, rngs)
-        self.k_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
-        self.v_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
+        if config.fused_projections:
+            self.qkv_proj = linear(hidden, (heads + 2 * kv_heads) * head, qkv_bias, config, rngs)
+        else:
+            self.q_proj = linear(hidden, heads * head, qkv_bias, config, rngs)
+            self.k_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
+            self.v_proj = linear(hidden, kv_heads * head, qkv_bias, config, rngs)
+        self.fused = config.fused_projections
         self.o_proj = linear(heads * head, hidden, config.attention_bias, config, rngs)
         if config.qk_norm:
             self.q_norm = norm(head, config)
@@ -208,12 +257,16 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
         batch, seq, _ = h.shape
-        q = self.q_proj(h).reshape(batch, seq, self.heads, self.head)
-        k = self.k_proj(h).reshape(batch, seq, self.kv_heads, self.head)
+        if self.fused:  # Phi-3's qkv_proj: q, k, v side by side on the output axis
+            q, k, v = jnp.split(self.qkv_proj(h), [self.heads * self.head, (self.heads + self.kv_heads) * self.head], -1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(batch, seq, self.heads, self.head)
+        k = k.reshape(batch, seq, self.kv_heads, self.head)
+        v = v.reshape(batch, seq, self.kv_heads, self.head)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(h).reshape(batch, seq, self.kv_heads, self.head)
         if cache is not None:
             k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
                     for c, new in zip(cache, (k, v)))
@@ -225,13 +278,21 @@ class LlamaAttention(nnx.Module):
 class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
-        self.up_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
+        if config.fused_projections:
+            self.gate_up_proj = linear(hidden, 2 * inner, config.mlp_bias, config, rngs)
+        else:
+            self.gate_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
+            self.up_proj = linear(hidden, inner, config.mlp_bias, config, rngs)
         self.down_proj = linear(inner, hidden, config.mlp_bias, config, rngs)
         self.hidden_act = config.hidden_act
+        self.fused = config.fused_projections
 
     def __call__(self, h):
-        return self.down_proj(activation(self.hidden_act)(self.gate_proj(h)) * self.up_proj(h))
+        if self.fused:  # Phi-3's gate_up_proj: gate, then up, on the output axis
+            gate, up = jnp.split(self.gate_up_proj(h), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return self.down_proj(activation(self.hidden_act)(gate) * up)
 
 
 def norm(size: int, config: LlamaConfig) -> RMSNorm:
@@ -288,10 +349,9 @@ class LlamaModel(nnx.Module):
         kinds = sorted(set(config.sliding_layers))
         cos, sin, masks = [], [], []
         for sliding in kinds:
-            freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(config, sliding)
-            angles = jnp.concatenate([freqs, freqs], axis=-1)
-            cos.append(jnp.cos(angles).astype(config.dtype))
-            sin.append(jnp.sin(angles).astype(config.dtype))
+            kind_cos, kind_sin = rope_cos_sin(config, position_ids, sliding)
+            cos.append(kind_cos)
+            sin.append(kind_sin)
             window = config.sliding_window if sliding else None
             if cache is None:
                 masks.append(causal_mask(seq, attention_mask, window))
@@ -348,3 +408,11 @@ class LlamaForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
         return self.model.init_cache(batch, max_length, dtype)
+
+    @property
+    def cache_recompute_length(self) -> int | None:
+        """With LongRoPE, the sequence length past which the KV cache holds keys rotated by the
+        wrong (short) factors: transformers' Phi-3 generate recomputes the cache once when the
+        input reaches one token more than this (`lorax.models.generate` does the same)."""
+        scaling = dict(self.config.rope_scaling or ())
+        return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None

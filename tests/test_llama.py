@@ -150,6 +150,19 @@ def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
             assert scaling[key] == (tuple(full[key]) if isinstance(full[key], list) else full[key]), key
 
 
+@pytest.mark.parametrize("config_class", [transformers.GemmaConfig, transformers.Gemma2Config,
+                                          transformers.Gemma3TextConfig, transformers.MistralConfig,
+                                          transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config],
+                         ids=lambda c: c.__name__)
+def test_fields_left_out_of_config_json_read_as_transformers_fills_them(config_class):
+    """A config.json with only the sizes (and use_sliding_window for Qwen) reads as the full
+    config transformers' class makes of it: window, soft caps, scales, activation, RoPE bases."""
+    sparse = dict(model_type=config_class.model_type, **{**SMALL, "num_hidden_layers": 30},
+                  **({"use_sliding_window": True} if "Qwen" in config_class.__name__ else {}))
+    full = config_class(**{k: v for k, v in sparse.items() if k != "model_type"}).to_dict()
+    assert LlamaConfig.from_hf(sparse) == LlamaConfig.from_hf(full)
+
+
 def test_bf16_compute_is_close(saved):
     model, folder = saved["llama3"]
     graphdef, params = lorax.split(interop.from_pretrained(folder, dtype=jnp.bfloat16, progress=False))
@@ -197,8 +210,14 @@ def fused_names(config: dict) -> dict:
     return json.loads(text)
 
 
-@pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
-@pytest.mark.parametrize("variant", ["llama3", "qwen2", "qwen3", "phi3", "gemma3"])
+# Every config on Llama and Qwen2; on the newer members the ones that meet what is new in them:
+# "all-linear" (their module names, Phi-3's fused ones) and adapted embeddings with patterns
+# (Gemma's scaled, tied embeddings).
+LORA_CASES = [(variant, config) for variant in ("llama3", "qwen2") for config in LORA_CONFIGS] + [
+    (variant, config) for variant in ("qwen3", "phi3", "gemma3") for config in (LORA_CONFIGS[1], LORA_CONFIGS[3])]
+
+
+@pytest.mark.parametrize("variant,config", LORA_CASES, ids=str)
 def test_lora_matches_peft(saved, variant, config):
     """Same targets, same printed counts, and with the same non-zero A/B the same logits as PeftModel."""
     config = fused_names(config) if variant.startswith("phi3") else config

@@ -25,6 +25,19 @@ from lorax.models.layers import (STACK, RMSNorm, activation, attention, cached_m
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# transformers' config-class defaults for the fields a config.json may leave out, per model_type
+# (tests/test_llama.py reads a config.json without them as transformers' classes fill them in).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256},
+    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
+    "gemma3_text": {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
+                    "query_pre_attn_scalar": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
+    "phi3": {"rms_norm_eps": 1e-5},
+}
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' layer_types values
 
 
@@ -106,8 +119,10 @@ class LlamaConfig:
         """From a config.json dict (transformers 4.x `rope_theta`/`rope_scaling`/`rope_local_base_freq`
         or 5.x `rope_parameters`, also per layer type)."""
         model_type = hf.get("model_type")
+        hf = {**HF_DEFAULTS.get(model_type, {}), **hf}
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "dtype", "layer_types")}
+        values["head_dim"] = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         values.update(_rope_fields(hf))
         values.update(_attention_kinds(hf, model_type))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"

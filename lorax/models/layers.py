@@ -127,13 +127,7 @@ class LayerNorm(nnx.Module):
 def causal_mask(seq: int, attention_mask: jax.Array | None, window: int | None = None) -> jax.Array:
     """(batch or 1, 1, seq, seq) booleans: query i sees key j <= i, and only unpadded keys; with a
     sliding `window`, only the last `window` keys (i - window < j), as transformers masks them."""
-    query, key = jnp.arange(seq)[:, None], jnp.arange(seq)[None, :]
-    mask = (key <= query)[None, None]
-    if window is not None:
-        mask = mask & (key > query - window)[None, None]
-    if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, None, :]
-    return mask
+    return cached_mask(seq, seq, 0, attention_mask, window)  # a whole sequence is a cache written at 0
 
 
 def cached_mask(seq: int, max_length: int, cache_index, attention_mask: jax.Array | None,

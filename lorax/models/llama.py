@@ -28,10 +28,10 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 # transformers' config-class defaults for the fields a config.json may leave out, per model_type
 # (tests/test_llama.py reads a config.json without them as transformers' classes fill them in).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256},
-    "gemma2": {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
+    "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True},
+    "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
-    "gemma3_text": {"hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
+    "gemma3_text": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
                     "query_pre_attn_scalar": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
     "mistral": {"sliding_window": 4096},
     "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
@@ -130,8 +130,6 @@ class LlamaConfig:
         # Gemma's config.json says "gelu" but means the tanh approximation (transformers' GemmaConfig maps it).
         values["hidden_act"] = "gelu_pytorch_tanh" if gemma and act == "gelu" else act
         activation(values["hidden_act"])  # an unsupported activation fails here, by name
-        if "tie_word_embeddings" not in hf:  # the config class's default, which config.json may leave out
-            values["tie_word_embeddings"] = gemma
         values.update(
             fused_projections=model_type == "phi3",
             qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop.checkpoint import atomic_write, leaf_at
-from interop.hf import architecture_for, checkpoint_slots
+from interop.hf import architecture_for, checkpoint_slots, model_config, renamed
 from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
 from lorax.errors import LoraError
@@ -46,7 +46,9 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
     """Write merged params as a transformers checkpoint: config.json + model.safetensors (or shards
     with model.safetensors.index.json above `max_shard_size` bytes). Shards are produced one at a
     time (memory grows by one shard, not by the model), written under temporary names, and renamed
-    into place once all are written.
+    into place once all are written. A vision-language model loaded text-only
+    (Gemma3ForConditionalGeneration) is written as its causal LM (Gemma3ForCausalLM: the
+    `text_config` as config.json, `model.layers...` names), since its vision tower was never loaded.
 
     Args:
         directory: output folder (created if needed).
@@ -65,7 +67,9 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
     if config_json is None:
         raise LoraError("save_merged needs the model's Hugging Face config: load the model with "
                         "interop.from_pretrained (it remembers config.json)")
-    slots = checkpoint_slots(params, architecture_for(model))
+    arch = architecture_for(model)
+    # A text-only vision-language model is written as its language model's causal LM (Gemma 3 4B -> Gemma3ForCausalLM).
+    slots = {renamed(name, arch.merged_renames): slot for name, slot in checkpoint_slots(params, arch).items()}
     dtypes = {name: np.dtype(jnp.dtype(dtype) if dtype is not None else leaf_at(params, slot.leaf).dtype)
               for name, slot in slots.items()}
     sizes = {name: dtypes[name].itemsize * int(np.prod(slot.shape)) for name, slot in slots.items()}
@@ -87,6 +91,8 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         return write
 
     config = json.loads(config_json)
+    if arch.merged_as is not None:
+        config = {**model_config(config, arch), **arch.merged_config, "architectures": [arch.merged_as]}
     config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from lorax.models import (
     GPT2Model,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForConditionalGeneration,
 )
 from lorax.sharding import param_shardings
 
@@ -59,6 +61,16 @@ class Architecture:
     ignored: regexes of checkpoint tensors that are buffers, not parameters.
     checkpoint_overrides: config fields that config.json does not hold but the checkpoint's tensor
         names tell (BERT: whether it has a pooler), as a function of those names.
+    text_config: for a vision-language checkpoint loaded text-only, the defaults of its nested
+        `text_config` (our config is read from that; top-level `tie_word_embeddings` wins, as in
+        transformers). None: config.json is read as it is.
+    renames: (regex, replacement) pairs from checkpoint tensor names to ours, applied in order
+        (transformers' conversion mapping for older saves: `language_model.model.` -> `model.language_model.`).
+    skipped: regexes of checkpoint tensors that exist but are not loaded (a vision tower); a
+        warning says how many.
+    merged_as: the transformers architecture `save_merged` writes (text-only), with `merged_renames`
+        from our names to its names and `merged_config` over the text config (what makes its logits
+        the ones this model computes). None: the architecture itself.
     """
 
     config_class: type
@@ -66,6 +78,12 @@ class Architecture:
     fan_in_fan_out: frozenset[str] = frozenset()
     ignored: tuple[str, ...] = (r".*rotary_emb\.inv_freq",)
     checkpoint_overrides: Callable[[list[str]], dict] | None = None
+    text_config: dict[str, Any] | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    skipped: tuple[str, ...] = ()
+    merged_as: str | None = None
+    merged_renames: tuple[tuple[str, str], ...] = ()
+    merged_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _bert_pooler(tensor_names: list[str]) -> dict:
@@ -77,6 +95,10 @@ GPT2_CONV1D = frozenset({"c_attn", "c_proj", "c_fc"})
 # Old GPT-2 checkpoints store the causal mask buffers `h.0.attn.bias` / `attn.masked_bias`.
 GPT2_BUFFERS = (r"(.*\.)?attn\.(masked_)?bias",)
 BERT_BUFFERS = (r"(.*\.)?embeddings\.(position_ids|token_type_ids)",)
+# transformers' "llava" conversion mapping (Gemma 3's too): how vision-language checkpoints saved
+# before transformers 4.52 (and by 5.x, which writes the old names back) name the language model.
+LLAVA_RENAMES = ((r"^language_model\.lm_head\.", "lm_head."), (r"^language_model\.model\.", "model.language_model."))
+VISION_PARTS = (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -88,6 +110,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Phi3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    # Gemma 3 4B and larger: the language model only (see LlamaForConditionalGeneration).
+    "Gemma3ForConditionalGeneration": Architecture(
+        LlamaConfig, LlamaForConditionalGeneration,
+        text_config={"model_type": "gemma3_text", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
+        skipped=VISION_PARTS, merged_as="Gemma3ForCausalLM", merged_renames=((r"^model\.language_model\.", "model."),),
+        # Gemma3ForConditionalGeneration's head never soft-caps; Gemma3ForCausalLM's does if the config says so.
+        merged_config={"final_logit_softcapping": None}),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
     "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),
@@ -130,8 +159,20 @@ def checkpoint_slots(abstract: dict, arch: Architecture) -> dict[str, Slot]:
     return slots
 
 
-def _normalize(name: str, slots: dict[str, Slot]) -> str:
-    """Old-style names (LayerNorm gamma/beta) and a missing or extra model prefix."""
+def renamed(name: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """`name` after each (regex, replacement) of `renames` in turn.
+
+    >>> renamed("language_model.model.norm.weight", LLAVA_RENAMES)
+    'model.language_model.norm.weight'
+    """
+    for pattern, replacement in renames:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _normalize(name: str, slots: dict[str, Slot], arch: Architecture) -> str:
+    """The architecture's renames, old-style names (LayerNorm gamma/beta) and a missing or extra model prefix."""
+    name = renamed(name, arch.renames)
     name = re.sub(r"\.gamma$", ".weight", re.sub(r"\.beta$", ".bias", name))
     if name in slots:
         return name
@@ -151,6 +192,16 @@ def read_config(folder: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+
+
+def model_config(hf_config: dict, arch: Architecture) -> dict:
+    """The config.json fields our config is read from: the file's, or for a vision-language
+    checkpoint its `text_config` (with the architecture's defaults and the top-level tying)."""
+    if arch.text_config is None:
+        return hf_config
+    text = {**arch.text_config, **(hf_config.get("text_config") or {})}
+    text["tie_word_embeddings"] = hf_config.get("tie_word_embeddings", arch.text_config["tie_word_embeddings"])
+    return text
 
 
 def architecture_of(config: dict) -> tuple[str, Architecture]:
@@ -224,23 +275,25 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.
     names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
     overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}
-    config = arch.config_class.from_hf(hf_config, dtype=dtype, param_dtype=param_dtype, **overrides)
+    config = arch.config_class.from_hf(model_config(hf_config, arch), dtype=dtype, param_dtype=param_dtype, **overrides)
     graphdef, abstract = abstract_model(arch.model_class, config)
     slots = checkpoint_slots(abstract, arch)
     # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
     arrays = jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract)
     four_bit = QuantizedWeights(names) if quantized else None
 
-    filled, unexpected, copies = set(), [], []
+    filled, unexpected, copies, skipped = set(), [], [], 0
     tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
                    disable=not progress, leave=False)
     for name, tensor in tensors:
         if four_bit is not None and four_bit.take(name, tensor):
             continue
-        key = _normalize(name, slots)
+        key = _normalize(name, slots, arch)
         slot = slots.get(key)
         if slot is None:
-            if not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
+            if any(re.fullmatch(pattern, name) for pattern in arch.skipped):
+                skipped += 1
+            elif not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
                 unexpected.append(name)
             continue
         if tuple(tensor.shape) != slot.shape:
@@ -250,7 +303,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         copies.append(Copy(target if slot.layer is None else target[slot.layer], tensor, slot.transpose))
         filled.add(key)
     if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
-        quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots))
+        quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots, arch))
         filled |= quantized_filled
         unexpected += quantized_unexpected
     missing = sorted(set(slots) - filled)
@@ -260,6 +313,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             + (f"missing tensors: {listing(missing)}. " if missing else "")
             + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
         )
+    if skipped:
+        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; its {skipped} "
+                      "vision tower and projector tensors are not loaded", stacklevel=2)
     # Every tensor is checked before any is copied; the copy is most of the load time.
     copy_all(copies, progress=progress, desc=f"copying {folder.name}")
     if mesh is not None:
@@ -275,7 +331,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
 
 
 def architecture_for(model: nnx.Module) -> Architecture:
-    """The Architecture entry whose model class built `model`."""
+    """The Architecture `model` was loaded as (config.json's, remembered by from_pretrained), or
+    the entry whose model class built it."""
+    if getattr(model, "hf_config_json", None) is not None:
+        return architecture_of(json.loads(model.hf_config_json))[1]
     for arch in ARCHITECTURES.values():
         if type(model) is arch.model_class:
             return arch

@@ -45,6 +45,8 @@ PREFIX = "base_model.model."
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc"})
 # The output head that tie_word_embeddings ties to the input embeddings.
 TIED_HEAD = "lm_head"
+# Modules of a vision-language model that its text-only load leaves out (interop.hf.VISION_PARTS).
+VISION_MODULES = r"\.(vision_tower|multi_modal_projector)\."
 # DoRA's magnitude vector (out,) of an adapted module: `<module>.lora_magnitude_vector`.
 MAGNITUDE = "lora_magnitude_vector"
 # peft fields that describe bookkeeping or features left at their defaults; anything else
@@ -293,6 +295,8 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
             f"{weights} does not fit these params"
             + (f"; missing: {listing(missing)}" if missing else "")
             + (f"; unexpected: {listing(unexpected)}" if unexpected else "")
+            + ("; the adapter also adapts a vision tower, which a text-only model does not have (see README: "
+               "vision-language checkpoints)" if any(re.search(VISION_MODULES, name) for name in unexpected) else "")
         )
     shapes = {name: value.shape for name, value in expected.items()}
     shapes |= {name: shape for name, (_, shape) in bases.items() if name in tensors}

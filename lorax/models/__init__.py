@@ -3,7 +3,7 @@
 from lorax.models.bert import BaseModelOutputWithPooling, BertConfig, BertForSequenceClassification, BertModel
 from lorax.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from lorax.models.layers import STACK
-from lorax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from lorax.models.llama import LlamaConfig, LlamaForCausalLM, LlamaForConditionalGeneration, LlamaModel
 
 __all__ = [
     "STACK",
@@ -16,5 +16,6 @@ __all__ = [
     "GPT2Model",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "LlamaForConditionalGeneration",
     "LlamaModel",
 ]

@@ -31,8 +31,11 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gemma": {"hidden_act": "gelu_pytorch_tanh", "head_dim": 256, "tie_word_embeddings": True},
     "gemma2": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
+    # Gemma 3 4B's config.json (a vision-language one) leaves even the vocabulary and head counts to these.
     "gemma3_text": {"tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh", "head_dim": 256, "sliding_window": 4096,
-                    "query_pre_attn_scalar": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0},
+                    "query_pre_attn_scalar": 256, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                    "num_attention_heads": 8, "num_key_value_heads": 4},
     "mistral": {"sliding_window": 4096},
     "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
     "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
@@ -402,25 +405,30 @@ class LlamaForCausalLM(nnx.Module):
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, False, config, rngs)
 
+    @property
+    def decoder(self) -> LlamaModel:
+        """The decoder stack (embeddings, layers, final norm): `self.model` here."""
+        return self.model
+
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_index=None):
-        out = self.model(input_ids, attention_mask, position_ids, cache, cache_index)
+        out = self.decoder(input_ids, attention_mask, position_ids, cache, cache_index)
         h, cache = (out, None) if cache is None else out
         logits = self.logits(h)
         return logits if cache is None else (logits, cache)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
         """The final (normed) hidden states (b, s, hidden) that the output head reads."""
-        return self.model(input_ids, attention_mask, position_ids)
+        return self.decoder(input_ids, attention_mask, position_ids)
 
     def logits(self, h):
         """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings
         (soft-capped when the config says so)."""
-        logits = lm_logits(h, self.model.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
+        logits = lm_logits(h, self.decoder.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
-        return self.model.init_cache(batch, max_length, dtype)
+        return self.decoder.init_cache(batch, max_length, dtype)
 
     @property
     def cache_recompute_length(self) -> int | None:
@@ -429,3 +437,43 @@ class LlamaForCausalLM(nnx.Module):
         input reaches one token more than this (`lorax.models.generate` does the same)."""
         scaling = dict(self.config.rope_scaling or ())
         return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else None
+
+
+class LanguageModelOnly(nnx.Module):
+    """The `model` of a transformers *ForConditionalGeneration (Gemma3Model, Mistral3Model,
+    LlavaModel) without its vision tower and projector: just `language_model`."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.language_model = LlamaModel(config, rngs=rngs)
+
+
+class LlamaForConditionalGeneration(LlamaForCausalLM):
+    """The text half of a vision-language checkpoint whose language model is one of ours
+    (Gemma 3 4B and up, Mistral Small 3.1, LLaVA): text in, logits out, under transformers'
+    module names `model.language_model.layers.3.self_attn.q_proj` and `lm_head`, so that
+    adapters trained here load into peft on the full model and the other way round. There is no
+    vision tower: images are not supported, only text fine-tuning.
+
+    >>> config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+    ...                      num_attention_heads=2)
+    >>> model = LlamaForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((1, 3), jnp.int32)).shape
+    (1, 3, 16)
+    >>> sorted(nnx.to_pure_dict(nnx.state(model))["model"])
+    ['language_model']
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = LanguageModelOnly(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = linear(config.hidden_size, config.vocab_size, False, config, rngs)
+
+    @property
+    def decoder(self) -> LlamaModel:
+        return self.model.language_model
+
+    def logits(self, h):
+        """The output head, never soft-capped: transformers' *ForConditionalGeneration heads
+        leave out the text model's final_logit_softcapping."""
+        return lm_logits(h, self.decoder.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)

@@ -1,0 +1,203 @@
+"""Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration, i.e. Gemma 3 4B
+and up): logits equal transformers' full model on text, adapters go both ways with peft on the full
+model, and the merged model saves as the Gemma3ForCausalLM transformers loads."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import interop
+import lorax
+from conftest import adapted_paths, lorax_line, perturb_trained_leaves, sync_into_peft
+from interop.hf import ARCHITECTURES, model_config
+from lorax.models import LlamaConfig
+
+# Gemma 3's text model (q/k norms, sandwich norms, sliding layers with their own RoPE base, linear
+# RoPE scaling) with windows of 4 keys, shorter than the test sequences; a final soft cap that the
+# vision-language head must leave out, as transformers' does.
+TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=6, rope_local_base_freq=100.0,
+            sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+              patch_size=14)
+VARIANTS = {"tied": {}, "untied": dict(tie_word_embeddings=False)}
+TEXT_ONLY = "loads as a text-only model"
+
+
+def hf_model(variant):
+    torch.manual_seed(0)
+    config = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
+                                       **VARIANTS[variant])
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms away from their init (zeros: Gemma stores offsets from one)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """variant -> folder, saved by transformers (which writes the pre-4.52 names: language_model.model.*)."""
+    out = {}
+    for variant in VARIANTS:
+        out[variant] = tmp_path_factory.mktemp(variant)
+        hf_model(variant).save_pretrained(out[variant])
+    return out
+
+
+def load(folder):
+    with pytest.warns(UserWarning, match=TEXT_ONLY):
+        return lorax.split(interop.from_pretrained(folder, progress=False))
+
+
+def tokens(batch=2, length=9, seed=0):
+    ids = torch.randint(0, TEXT["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    return ids, mask
+
+
+def logits_of(graphdef, params, ids, mask):
+    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(
+        params, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+
+
+def torch_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.numpy()
+
+
+def assert_close_unpadded(ours, theirs, mask, atol=1e-4):
+    real = mask.numpy().astype(bool)  # padded positions are not compared: both sides compute junk there
+    np.testing.assert_allclose(ours[real], theirs[real], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant,names", [("tied", "pre-4.52"), ("untied", "pre-4.52"), ("untied", "current")])
+def test_logits_equal_transformers(saved, variant, names, tmp_path):
+    """Text logits equal the full model's, from either naming of the checkpoint (transformers
+    4.52-4.57 wrote `model.language_model.*`, `model.vision_tower.*`); the vision tensors are
+    skipped with a warning, and our parameter paths are transformers' module names."""
+    folder = saved[variant]
+    if names == "current":
+        tensors = load_file(folder / "model.safetensors")
+        renamed = {re.sub(r"^language_model\.model\.", "model.language_model.",
+                          re.sub(r"^language_model\.lm_head\.", "lm_head.",
+                                 re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", name))): value
+                   for name, value in tensors.items()}
+        assert "lm_head.weight" in renamed and "model.vision_tower.post_layernorm.weight" in renamed
+        save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+        folder = tmp_path
+    graphdef, params = load(folder)
+    model = hf_model(variant)
+    language_linear = {name for name, module in model.named_modules()
+                       if isinstance(module, torch.nn.Linear) and ".language_model." in name}
+    assert {t.path for t in lorax.select_targets(lorax.LoraConfig(target_modules="all-linear"), params,
+                                                 output_head="lm_head")} == language_linear
+    assert ("lm_head" in params) == (variant == "untied")
+    ids, mask = tokens()
+    assert_close_unpadded(logits_of(graphdef, params, ids, mask), torch_logits(model, ids, mask), mask)
+
+
+def test_config_json_of_gemma_3_4b_reads_like_transformers():
+    """Gemma 3 4B's config.json gives its text_config only the sizes (no vocabulary, head counts,
+    windows' RoPE base...): the rest reads as transformers' Gemma3Config fills it in."""
+    arch = ARCHITECTURES["Gemma3ForConditionalGeneration"]
+    sparse = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+              "text_config": {"hidden_size": 64, "intermediate_size": 96, "model_type": "gemma3_text",
+                              "num_hidden_layers": 12, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 16},
+              "vision_config": {"model_type": "siglip_vision_model"}}
+    full = transformers.Gemma3Config(text_config=sparse["text_config"]).to_dict()
+    ours = LlamaConfig.from_hf(model_config(sparse, arch))
+    assert ours == LlamaConfig.from_hf(model_config(full, arch))
+    assert (ours.vocab_size, ours.num_attention_heads, ours.num_key_value_heads, ours.tie_word_embeddings) == \
+        (262_208, 8, 4, True)
+
+
+def counts(peft_model) -> tuple[int, int]:
+    return peft_model.get_nb_trainable_parameters()
+
+
+def lorax_counts(params) -> tuple[int, int]:
+    numbers = re.findall(r"[\d,]+", lorax_line(params).replace("trainable%", ""))
+    return int(numbers[0].replace(",", "")), int(numbers[1].replace(",", ""))
+
+
+# Targets named by a regex over the language model, as peft users write them for vision-language
+# models (a plain list like ["q_proj"] would also adapt the vision tower's q_proj in peft).
+LORA_CONFIGS = [
+    dict(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj|embed_tokens)",
+         rank_pattern={"model.language_model.layers.1.self_attn.q_proj": 2}, use_rslora=True),
+    dict(r=2, target_modules=r".*language_model.*_proj", use_dora=True),
+]
+
+
+@pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
+def test_adapters_match_peft_on_the_full_model(saved, config, tmp_path):
+    """Same targets and trainable count as peft on Gemma3ForConditionalGeneration (the total differs
+    by exactly the vision tower and projector we do not load), the same logits; our adapter loads
+    in PeftModel on the full model, peft's in ours, and the merged model saves as a Gemma3ForCausalLM
+    with peft's merged logits."""
+    graphdef, base = load(saved["tied"])
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    params = lorax.lora(base, lora_config, key=jax.random.key(1), output_head="lm_head")
+    params = perturb_trained_leaves(params, jax.random.key(2))
+    peft_model = peft.get_peft_model(hf_model("tied"), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    vision = sum(p.numel() for name, p in peft_model.base_model.model.model.named_parameters()
+                 if name.startswith(("vision_tower.", "multi_modal_projector.")))
+    trainable, total = lorax_counts(params)
+    assert (trainable, total + vision) == counts(peft_model)
+
+    ids, mask = tokens()
+    ours = logits_of(graphdef, params, ids, mask)
+    assert np.abs(ours - logits_of(graphdef, base, ids, mask)).max() > 1e-2, "the adapters must change the logits"
+    assert_close_unpadded(ours, torch_logits(peft_model, ids, mask), mask)
+
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    loaded = peft.PeftModel.from_pretrained(hf_model("tied"), tmp_path / "ours").eval()
+    assert_close_unpadded(ours, torch_logits(loaded, ids, mask), mask)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
+    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask), ours, atol=1e-5)
+
+    interop.save_merged(tmp_path / "merged", graphdef, lorax.merge(params), progress=False)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged) is transformers.Gemma3ForCausalLM
+    # The full model's head has no final soft cap; Gemma3ForCausalLM's follows its config, which says so.
+    assert merged.config.final_logit_softcapping is None
+    assert_close_unpadded(torch_logits(merged, ids, mask), torch_logits(peft_model.merge_and_unload(), ids, mask), mask)
+
+
+def test_greedy_generation_equals_transformers(saved):
+    """The KV-cache path through the language model (sliding layers included: 15 tokens > window)."""
+    from lorax.models.generate import generate
+
+    graphdef, params = load(saved["untied"])
+    ids, mask = tokens(length=5)
+    with torch.no_grad():
+        theirs = hf_model("untied").generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                             pad_token_id=0).numpy()
+    ours = generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()),
+                    max_new_tokens=10)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_adapter_on_the_vision_tower_is_refused_by_name(saved, tmp_path):
+    """A peft adapter trained with a plain target list also adapts the vision tower's q_proj: the
+    error lists those tensors and says why they cannot load."""
+    peft_model = peft.get_peft_model(hf_model("tied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model.save_pretrained(tmp_path)
+    _, base = load(saved["tied"])
+    with pytest.raises(interop.CheckpointError, match=r"vision_tower.*text-only model does not have"):
+        interop.load_adapter(tmp_path, base)

@@ -286,14 +286,15 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
                    disable=not progress, leave=False)
     for name, tensor in tensors:
+        if any(re.fullmatch(pattern, name) for pattern in arch.skipped):  # a 4-bit vision weight's parts too
+            skipped += 1
+            continue
         if four_bit is not None and four_bit.take(name, tensor):
             continue
         key = _normalize(name, slots, arch)
         slot = slots.get(key)
         if slot is None:
-            if any(re.fullmatch(pattern, name) for pattern in arch.skipped):
-                skipped += 1
-            elif not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
+            if not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
                 unexpected.append(name)
             continue
         if tuple(tensor.shape) != slot.shape:
@@ -314,8 +315,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
         )
     if skipped:
-        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; its {skipped} "
-                      "vision tower and projector tensors are not loaded", stacklevel=2)
+        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; {skipped} tensors "
+                      "of its vision tower and projector are not loaded", stacklevel=2)
     # Every tensor is checked before any is copied; the copy is most of the load time.
     copy_all(copies, progress=progress, desc=f"copying {folder.name}")
     if mesh is not None:

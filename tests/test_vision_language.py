@@ -201,3 +201,17 @@ def test_adapter_on_the_vision_tower_is_refused_by_name(saved, tmp_path):
     _, base = load(saved["tied"])
     with pytest.raises(interop.CheckpointError, match=r"vision_tower.*text-only model does not have"):
         interop.load_adapter(tmp_path, base)
+
+
+def test_bitsandbytes_4bit_checkpoint_loads_text_only(saved, tmp_path):
+    """transformers' 4-bit Gemma 3 (vision tower quantized too): the language model's kernels come
+    in as Nf4Arrays with bnb's logits; the quantized vision weights are skipped, parts and all."""
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
+                                             bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    bnb = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+        saved["untied"], device_map="cpu", dtype=torch.float32, quantization_config=config).eval()
+    bnb.save_pretrained(tmp_path)
+    graphdef, params = load(tmp_path)
+    assert isinstance(params["model"]["language_model"]["layers"]["*"]["mlp"]["down_proj"]["kernel"], lorax.Nf4Array)
+    ids, mask = tokens()
+    assert_close_unpadded(logits_of(graphdef, params, ids, mask), torch_logits(bnb, ids, mask), mask)

@@ -92,7 +92,8 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
 
     config = json.loads(config_json)
     if arch.merged_as is not None:
-        config = {**model_config(config, arch), **arch.merged_config, "architectures": [arch.merged_as]}
+        config = {**model_config(config, arch), **arch.merged_config, "architectures": [arch.merged_as],
+                  "tie_word_embeddings": model.config.tie_word_embeddings}
     config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,14 @@ LLAVA_RENAMES = ((r"^language_model\.lm_head\.", "lm_head."), (r"^language_model
 VISION_PARTS = (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
 
 
+def _head_stored(tensor_names: list[str]) -> dict:
+    """A vision-language checkpoint that stores its own lm_head is untied whatever config.json says:
+    transformers 5 reads a missing top-level `tie_word_embeddings` as True, then unties a head the
+    checkpoint holds (Mistral Small 3.1's config.json says nothing, its checkpoint has lm_head)."""
+    stored = any(renamed(name, LLAVA_RENAMES) == "lm_head.weight" for name in tensor_names)
+    return {"tie_word_embeddings": False} if stored else {}
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
@@ -116,7 +124,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         text_config={"model_type": "gemma3_text", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
         skipped=VISION_PARTS, merged_as="Gemma3ForCausalLM", merged_renames=((r"^model\.language_model\.", "model."),),
         # Gemma3ForConditionalGeneration's head never soft-caps; Gemma3ForCausalLM's does if the config says so.
-        merged_config={"final_logit_softcapping": None}),
+        merged_config={"final_logit_softcapping": None}, checkpoint_overrides=_head_stored),
+    # Mistral Small 3.1 / 3.2: the language model only, as for Gemma 3.
+    "Mistral3ForConditionalGeneration": Architecture(
+        LlamaConfig, LlamaForConditionalGeneration,
+        text_config={"model_type": "mistral", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
+        skipped=VISION_PARTS, merged_as="MistralForCausalLM", merged_renames=((r"^model\.language_model\.", "model."),),
+        checkpoint_overrides=_head_stored),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
     "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),

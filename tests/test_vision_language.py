@@ -1,7 +1,9 @@
-"""Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration, i.e. Gemma 3 4B
-and up): logits equal transformers' full model on text, adapters go both ways with peft on the full
-model, and the merged model saves as the Gemma3ForCausalLM transformers loads."""
+"""Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration: Gemma 3 4B and
+up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2): logits and greedy tokens equal
+transformers' full model on text, adapters go both ways with peft on the full model, and the
+merged model saves as the causal LM transformers loads."""
 
+import json
 import re
 
 import jax
@@ -22,21 +24,38 @@ from lorax.models import LlamaConfig
 # Gemma 3's text model (q/k norms, sandwich norms, sliding layers with their own RoPE base, linear
 # RoPE scaling) with windows of 4 keys, shorter than the test sequences; a final soft cap that the
 # vision-language head must leave out, as transformers' does.
-TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=6, rope_local_base_freq=100.0,
-            sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+GEMMA3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=6, rope_local_base_freq=100.0,
+              sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
+MISTRAL = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4, rope_theta=1e4)
+SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
-VARIANTS = {"tied": {}, "untied": dict(tie_word_embeddings=False)}
+PIXTRAL = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+               image_size=28, patch_size=14, head_dim=8)
+MODELS = {
+    "gemma3": lambda **top: transformers.Gemma3Config(text_config=GEMMA3, vision_config=SIGLIP, mm_tokens_per_image=4,
+                                                      **top),
+    "mistral3": lambda **top: transformers.Mistral3Config(text_config=MISTRAL, vision_config=PIXTRAL, **top),
+}
+# variant -> (model, top-level config fields, top-level fields to drop from the saved config.json)
+VARIANTS = {
+    "gemma3-tied": ("gemma3", {}, ()),
+    "gemma3-untied": ("gemma3", dict(tie_word_embeddings=False), ()),
+    "mistral3-tied": ("mistral3", {}, ()),
+    # As Mistral Small 3.1's config.json: no top-level tie_word_embeddings (transformers 5 reads True)
+    # but the checkpoint holds lm_head, which transformers then leaves untied.
+    "mistral3-head-stored": ("mistral3", dict(tie_word_embeddings=False), ("tie_word_embeddings",)),
+}
 TEXT_ONLY = "loads as a text-only model"
 
 
 def hf_model(variant):
+    """The transformers model, made from its config with norms moved away from their init."""
+    name, top, _ = VARIANTS[variant]
     torch.manual_seed(0)
-    config = transformers.Gemma3Config(text_config=TEXT, vision_config=VISION, mm_tokens_per_image=4,
-                                       **VARIANTS[variant])
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # norms away from their init (zeros: Gemma stores offsets from one)
+    model = transformers.AutoModelForImageTextToText.from_config(MODELS[name](**top)).eval()
+    with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
@@ -47,10 +66,19 @@ def hf_model(variant):
 def saved(tmp_path_factory):
     """variant -> folder, saved by transformers (which writes the pre-4.52 names: language_model.model.*)."""
     out = {}
-    for variant in VARIANTS:
+    for variant, (_, _, dropped) in VARIANTS.items():
         out[variant] = tmp_path_factory.mktemp(variant)
         hf_model(variant).save_pretrained(out[variant])
+        config = json.loads((out[variant] / "config.json").read_text())
+        for field in dropped:
+            del config[field]
+        (out[variant] / "config.json").write_text(json.dumps(config))
     return out
+
+
+def hf_from(folder):
+    """The transformers model as its users load it from the folder."""
+    return transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
 
 
 def load(folder):
@@ -59,7 +87,7 @@ def load(folder):
 
 
 def tokens(batch=2, length=9, seed=0):
-    ids = torch.randint(0, TEXT["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(0, GEMMA3["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding on the first row
     return ids, mask
@@ -80,7 +108,8 @@ def assert_close_unpadded(ours, theirs, mask, atol=1e-4):
     np.testing.assert_allclose(ours[real], theirs[real], atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant,names", [("tied", "pre-4.52"), ("untied", "pre-4.52"), ("untied", "current")])
+@pytest.mark.parametrize("variant,names", [("gemma3-tied", "pre-4.52"), ("gemma3-untied", "current"),
+                                           ("mistral3-tied", "current"), ("mistral3-head-stored", "pre-4.52")])
 def test_logits_equal_transformers(saved, variant, names, tmp_path):
     """Text logits equal the full model's, from either naming of the checkpoint (transformers
     4.52-4.57 wrote `model.language_model.*`, `model.vision_tower.*`); the vision tensors are
@@ -92,17 +121,18 @@ def test_logits_equal_transformers(saved, variant, names, tmp_path):
                           re.sub(r"^language_model\.lm_head\.", "lm_head.",
                                  re.sub(r"^(vision_tower|multi_modal_projector)\.", r"model.\1.", name))): value
                    for name, value in tensors.items()}
-        assert "lm_head.weight" in renamed and "model.vision_tower.post_layernorm.weight" in renamed
+        assert any(name.startswith("model.vision_tower.") for name in renamed)
         save_file(renamed, tmp_path / "model.safetensors", metadata={"format": "pt"})
         (tmp_path / "config.json").write_text((folder / "config.json").read_text())
         folder = tmp_path
     graphdef, params = load(folder)
-    model = hf_model(variant)
+    model = hf_from(saved[variant])
     language_linear = {name for name, module in model.named_modules()
                        if isinstance(module, torch.nn.Linear) and ".language_model." in name}
     assert {t.path for t in lorax.select_targets(lorax.LoraConfig(target_modules="all-linear"), params,
                                                  output_head="lm_head")} == language_linear
-    assert ("lm_head" in params) == (variant == "untied")
+    tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert ("lm_head" in params) == (not tied) == variant.endswith(("untied", "head-stored"))
     ids, mask = tokens()
     assert_close_unpadded(logits_of(graphdef, params, ids, mask), torch_logits(model, ids, mask), mask)
 
@@ -141,17 +171,18 @@ LORA_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config", LORA_CONFIGS, ids=str)
-def test_adapters_match_peft_on_the_full_model(saved, config, tmp_path):
-    """Same targets and trainable count as peft on Gemma3ForConditionalGeneration (the total differs
-    by exactly the vision tower and projector we do not load), the same logits; our adapter loads
-    in PeftModel on the full model, peft's in ours, and the merged model saves as a Gemma3ForCausalLM
-    with peft's merged logits."""
-    graphdef, base = load(saved["tied"])
+@pytest.mark.parametrize("variant,config", [("gemma3-tied", LORA_CONFIGS[0]), ("gemma3-tied", LORA_CONFIGS[1]),
+                                            ("mistral3-head-stored", LORA_CONFIGS[0])], ids=str)
+def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path):
+    """Same targets and trainable count as peft on the full model (the total differs by exactly
+    the vision tower and projector we do not load), the same logits; our adapter loads in
+    PeftModel on the full model, peft's in ours, and the merged model saves as the causal LM
+    (Gemma3ForCausalLM, MistralForCausalLM) with peft's merged logits."""
+    graphdef, base = load(saved[variant])
     lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
     params = lorax.lora(base, lora_config, key=jax.random.key(1), output_head="lm_head")
     params = perturb_trained_leaves(params, jax.random.key(2))
-    peft_model = peft.get_peft_model(hf_model("tied"), peft.LoraConfig(init_lora_weights=False, **config))
+    peft_model = peft.get_peft_model(hf_from(saved[variant]), peft.LoraConfig(init_lora_weights=False, **config))
     sync_into_peft(params, peft_model)
     assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
     vision = sum(p.numel() for name, p in peft_model.base_model.model.model.named_parameters()
@@ -165,7 +196,7 @@ def test_adapters_match_peft_on_the_full_model(saved, config, tmp_path):
     assert_close_unpadded(ours, torch_logits(peft_model, ids, mask), mask)
 
     interop.save_adapter(tmp_path / "ours", params, lora_config)
-    loaded = peft.PeftModel.from_pretrained(hf_model("tied"), tmp_path / "ours").eval()
+    loaded = peft.PeftModel.from_pretrained(hf_from(saved[variant]), tmp_path / "ours").eval()
     assert_close_unpadded(ours, torch_logits(loaded, ids, mask), mask)
     peft_model.save_pretrained(tmp_path / "theirs")
     back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
@@ -173,20 +204,21 @@ def test_adapters_match_peft_on_the_full_model(saved, config, tmp_path):
 
     interop.save_merged(tmp_path / "merged", graphdef, lorax.merge(params), progress=False)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert type(merged) is transformers.Gemma3ForCausalLM
+    assert type(merged).__name__ == ARCHITECTURES[type(peft_model.base_model.model).__name__].merged_as
     # The full model's head has no final soft cap; Gemma3ForCausalLM's follows its config, which says so.
-    assert merged.config.final_logit_softcapping is None
+    assert getattr(merged.config, "final_logit_softcapping", None) is None
     assert_close_unpadded(torch_logits(merged, ids, mask), torch_logits(peft_model.merge_and_unload(), ids, mask), mask)
 
 
-def test_greedy_generation_equals_transformers(saved):
+@pytest.mark.parametrize("variant", ["gemma3-untied", "mistral3-head-stored"])
+def test_greedy_generation_equals_transformers(saved, variant):
     """The KV-cache path through the language model (sliding layers included: 15 tokens > window)."""
     from lorax.models.generate import generate
 
-    graphdef, params = load(saved["untied"])
+    graphdef, params = load(saved[variant])
     ids, mask = tokens(length=5)
     with torch.no_grad():
-        theirs = hf_model("untied").generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+        theirs = hf_from(saved[variant]).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                                              pad_token_id=0).numpy()
     ours = generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()),
                     max_new_tokens=10)
@@ -196,9 +228,9 @@ def test_greedy_generation_equals_transformers(saved):
 def test_adapter_on_the_vision_tower_is_refused_by_name(saved, tmp_path):
     """A peft adapter trained with a plain target list also adapts the vision tower's q_proj: the
     error lists those tensors and says why they cannot load."""
-    peft_model = peft.get_peft_model(hf_model("tied"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    peft_model = peft.get_peft_model(hf_from(saved["gemma3-tied"]), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path)
-    _, base = load(saved["tied"])
+    _, base = load(saved["gemma3-tied"])
     with pytest.raises(interop.CheckpointError, match=r"vision_tower.*text-only model does not have"):
         interop.load_adapter(tmp_path, base)
 
@@ -209,7 +241,7 @@ def test_bitsandbytes_4bit_checkpoint_loads_text_only(saved, tmp_path):
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32,
                                              bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     bnb = transformers.Gemma3ForConditionalGeneration.from_pretrained(
-        saved["untied"], device_map="cpu", dtype=torch.float32, quantization_config=config).eval()
+        saved["gemma3-untied"], device_map="cpu", dtype=torch.float32, quantization_config=config).eval()
     bnb.save_pretrained(tmp_path)
     graphdef, params = load(tmp_path)
     assert isinstance(params["model"]["language_model"]["layers"]["*"]["mlp"]["down_proj"]["kernel"], lorax.Nf4Array)

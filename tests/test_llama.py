@@ -163,14 +163,18 @@ def test_fields_left_out_of_config_json_read_as_transformers_fills_them(config_c
     assert LlamaConfig.from_hf(sparse) == LlamaConfig.from_hf(full)
 
 
-def test_bf16_compute_is_close(saved):
-    model, folder = saved["llama3"]
+@pytest.mark.parametrize("variant", ["llama3", "phi3-longrope", "gemma3"])
+def test_bf16_compute_is_close(saved, variant):
+    """bf16 weights and compute (Gemma's fp32 norms and scaled embeddings, Phi-3's fused
+    projections and LongRoPE included) stay near transformers' fp32 logits."""
+    model, folder = saved[variant]
     graphdef, params = lorax.split(interop.from_pretrained(folder, dtype=jnp.bfloat16, progress=False))
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     ids, _ = tokens()
     with torch.no_grad():
         reference = model(ids).logits.numpy()
-    np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.1)
+    # logits here are about 0.13 (std); bf16 rounding moves them by at most 0.01 (0.003 on Llama)
+    np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.02)
 
 
 @pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "gemma2", "gemma3"])

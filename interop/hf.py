@@ -118,6 +118,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Phi3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "Ministral3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     # Gemma 3 4B and larger: the language model only (see LlamaForConditionalGeneration).
     "Gemma3ForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration,

@@ -1,6 +1,6 @@
-"""The Llama family (Llama, Mistral, Qwen2/3, Gemma 1/2/3) loaded from transformers' own
-save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs all equal the real
-libraries'."""
+"""The Llama family (Llama, Mistral, Ministral 3, Qwen2/3, Gemma 1/2/3, Phi-3) loaded from
+transformers' own save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs
+all equal the real libraries'."""
 
 import json
 import re
@@ -40,6 +40,13 @@ VARIANTS = {
         pad_token_id=0, eos_token_id=1, partial_rotary_factor=0.5, max_position_embeddings=32,
         original_max_position_embeddings=8,
         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 5.0]})),
+    # YaRN (attention factor from its default mscale) and Ministral 3's query temperature, which
+    # steps up every 4 positions here
+    "qwen3-yarn": (transformers.Qwen3Config, dict(head_dim=16, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8})),
+    "ministral3": (transformers.Ministral3Config, dict(head_dim=8, sliding_window=None, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 4, "beta_fast": 8.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False, "llama_4_scaling_beta": 0.1})),
     "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
     "gemma2": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     "gemma3": (transformers.Gemma3TextConfig, dict(**GEMMA, rope_local_base_freq=100.0, sliding_window_pattern=2,
@@ -152,7 +159,8 @@ def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
 
 @pytest.mark.parametrize("config_class", [transformers.GemmaConfig, transformers.Gemma2Config,
                                           transformers.Gemma3TextConfig, transformers.MistralConfig,
-                                          transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config],
+                                          transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config,
+                                          transformers.Ministral3Config],
                          ids=lambda c: c.__name__)
 def test_fields_left_out_of_config_json_read_as_transformers_fills_them(config_class):
     """A config.json with only the sizes (and use_sliding_window for Qwen) reads as the full
@@ -177,7 +185,7 @@ def test_bf16_compute_is_close(saved, variant):
     np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.02)
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "ministral3", "gemma2", "gemma3"])
 def test_greedy_generation_equals_transformers(saved, variant):
     """With a KV cache, sliding windows, soft caps and LongRoPE's switch to its long factors
     included (15 tokens > window of 4, > LongRoPE's 8)."""
@@ -218,7 +226,8 @@ def fused_names(config: dict) -> dict:
 # "all-linear" (their module names, Phi-3's fused ones) and adapted embeddings with patterns
 # (Gemma's scaled, tied embeddings).
 LORA_CASES = [(variant, config) for variant in ("llama3", "qwen2") for config in LORA_CONFIGS] + [
-    (variant, config) for variant in ("qwen3", "phi3", "gemma3") for config in (LORA_CONFIGS[1], LORA_CONFIGS[3])]
+    (variant, config) for variant in ("qwen3", "phi3", "gemma3") for config in (LORA_CONFIGS[1], LORA_CONFIGS[3])] + [
+    ("ministral3", LORA_CONFIGS[1])]
 
 
 @pytest.mark.parametrize("variant,config", LORA_CASES, ids=str)

@@ -1,5 +1,5 @@
 """Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration: Gemma 3 4B and
-up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2): logits and greedy tokens equal
+up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2, Ministral 3): logits and greedy tokens equal
 transformers' full model on text, adapters go both ways with peft on the full model, and the
 merged model saves as the causal LM transformers loads."""
 
@@ -29,6 +29,10 @@ GEMMA3 = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_la
               sliding_window_pattern=2, rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
 MISTRAL = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4, rope_theta=1e4)
+# Ministral 3 (3B/8B/14B ship as Mistral3ForConditionalGeneration): YaRN and the query temperature.
+MINISTRAL3 = dict(MISTRAL, model_type="ministral3", sliding_window=None, rope_parameters={
+    "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 4, "beta_fast": 8.0,
+    "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1})
 SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
 PIXTRAL = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -37,12 +41,13 @@ MODELS = {
     "gemma3": lambda **top: transformers.Gemma3Config(text_config=GEMMA3, vision_config=SIGLIP, mm_tokens_per_image=4,
                                                       **top),
     "mistral3": lambda **top: transformers.Mistral3Config(text_config=MISTRAL, vision_config=PIXTRAL, **top),
+    "ministral3": lambda **top: transformers.Mistral3Config(text_config=MINISTRAL3, vision_config=PIXTRAL, **top),
 }
 # variant -> (model, top-level config fields, top-level fields to drop from the saved config.json)
 VARIANTS = {
     "gemma3-tied": ("gemma3", {}, ()),
     "gemma3-untied": ("gemma3", dict(tie_word_embeddings=False), ()),
-    "mistral3-tied": ("mistral3", {}, ()),
+    "ministral3-tied": ("ministral3", {}, ()),
     # As Mistral Small 3.1's config.json: no top-level tie_word_embeddings (transformers 5 reads True)
     # but the checkpoint holds lm_head, which transformers then leaves untied.
     "mistral3-head-stored": ("mistral3", dict(tie_word_embeddings=False), ("tie_word_embeddings",)),
@@ -109,7 +114,7 @@ def assert_close_unpadded(ours, theirs, mask, atol=1e-4):
 
 
 @pytest.mark.parametrize("variant,names", [("gemma3-tied", "pre-4.52"), ("gemma3-untied", "current"),
-                                           ("mistral3-tied", "current"), ("mistral3-head-stored", "pre-4.52")])
+                                           ("ministral3-tied", "current"), ("mistral3-head-stored", "pre-4.52")])
 def test_logits_equal_transformers(saved, variant, names, tmp_path):
     """Text logits equal the full model's, from either naming of the checkpoint (transformers
     4.52-4.57 wrote `model.language_model.*`, `model.vision_tower.*`); the vision tensors are
@@ -210,7 +215,7 @@ def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path)
     assert_close_unpadded(torch_logits(merged, ids, mask), torch_logits(peft_model.merge_and_unload(), ids, mask), mask)
 
 
-@pytest.mark.parametrize("variant", ["gemma3-untied", "mistral3-head-stored"])
+@pytest.mark.parametrize("variant", ["gemma3-untied", "mistral3-head-stored", "ministral3-tied"])
 def test_greedy_generation_equals_transformers(saved, variant):
     """The KV-cache path through the language model (sliding layers included: 15 tokens > window)."""
     from lorax.models.generate import generate

@@ -24,7 +24,7 @@ from lorax.models.layers import (STACK, RMSNorm, activation, attention, cached_m
                                   linear, lm_logits, run_stacked, stacked)
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
 # transformers' config-class defaults for the fields a config.json may leave out, per model_type
 # (tests/test_llama.py reads a config.json without them as transformers' classes fill them in).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -40,6 +40,9 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
     "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
     "phi3": {"rms_norm_eps": 1e-5},
+    "ministral3": {"rms_norm_eps": 1e-5, "head_dim": 128, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
 }
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' layer_types values
 
@@ -55,8 +58,10 @@ class LlamaConfig:
     and alternating sliding-window layers; Gemma 3 drops the soft caps, adds q/k norms and gives
     its sliding layers their own RoPE base (`local_rope_theta`); Phi-3 fuses q/k/v into
     `qkv_proj` and gate/up into `gate_up_proj` (`fused_projections`), may rotate only part of
-    each head (`partial_rotary_factor`) and uses LongRoPE scaling. `from_hf` sets these switches
-    from config.json's `model_type` and fields, as transformers' modeling files do.
+    each head (`partial_rotary_factor`) and uses LongRoPE scaling; Ministral 3 is Mistral with
+    YaRN RoPE and a query temperature that grows with the position (`llama_4_scaling_beta`).
+    `from_hf` sets these switches from config.json's `model_type` and fields, as transformers'
+    modeling files do.
     """
 
     vocab_size: int
@@ -68,7 +73,7 @@ class LlamaConfig:
     head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # linear / llama3 / longrope parameters as sorted (key, value) pairs: hashable
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # linear / llama3 / longrope / yarn parameters as sorted (key, value) pairs: hashable
     partial_rotary_factor: float = 1.0  # RoPE rotates the first this-fraction of each head's dimensions (Phi-3)
     attention_bias: bool = False  # q, k, v and o biases (Llama's option)
     qkv_bias: bool = False  # q, k, v biases only (Qwen2)
@@ -87,10 +92,14 @@ class LlamaConfig:
     attn_logit_softcapping: float | None = None  # scores -> cap·tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None  # logits -> cap·tanh(logits / cap) (Gemma 2)
     fused_projections: bool = False  # one qkv_proj and one gate_up_proj (Phi-3)
+    # queries times 1 + beta·log(1 + floor(position / original_max_position_embeddings)) after RoPE (Ministral 3)
+    llama_4_scaling_beta: float | None = None
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        if self.llama_4_scaling_beta is not None and "original_max_position_embeddings" not in dict(self.rope_scaling or ()):
+            raise ValueError("llama_4_scaling_beta needs RoPE scaling with original_max_position_embeddings")
         if self.layer_types is not None:
             if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(ATTENTION_KINDS):
                 raise ValueError(f"layer_types must give one of {ATTENTION_KINDS} for each of the "
@@ -160,7 +169,23 @@ def _rope_type(rope: dict, hf: dict, default_theta: float) -> tuple[float, tuple
         if attention is None:
             attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=attention)
+    if rope_type == "yarn":  # the defaults transformers' _compute_yarn_parameters fills in
+        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+            or hf["max_position_embeddings"]
+        factor = rope.get("factor") or hf["max_position_embeddings"] / original
+        attention = rope.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim \
+                else _yarn_mscale(factor)
+        rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=float(attention),
+                    beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+                    truncate=rope.get("truncate", True))
     return theta, (None if rope_type == "default" else tuple(sorted(rope.items())))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _rope_fields(hf: dict) -> dict:
@@ -168,6 +193,9 @@ def _rope_fields(hf: dict) -> dict:
     transformers' spellings."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     full = rope.get("full_attention", rope)
+    # Ministral 3 keeps its query scaling beside the RoPE parameters; the other keys there are not RoPE's.
+    beta = full.get("llama_4_scaling_beta")
+    full = {k: v for k, v in full.items() if k not in ("llama_4_scaling_beta", "max_position_embeddings")}
     theta, scaling = _rope_type(full, hf, hf.get("rope_theta", 10000.0))
     local = hf.get("rope_local_base_freq")
     if "sliding_attention" in rope:  # transformers 5's per-layer-type parameters (Gemma 3)
@@ -175,7 +203,8 @@ def _rope_fields(hf: dict) -> dict:
         if local_scaling is not None:
             raise NotImplementedError("RoPE scaling on sliding-window layers is not supported yet")
     partial = full.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
-    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local, partial_rotary_factor=partial)
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local, partial_rotary_factor=partial,
+                llama_4_scaling_beta=beta)
 
 
 def _attention_kinds(hf: dict, model_type: str | None) -> dict:
@@ -185,7 +214,7 @@ def _attention_kinds(hf: dict, model_type: str | None) -> dict:
     window = hf.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
         window = None
-    if window is None or model_type in ("mistral", "phi3"):
+    if window is None or model_type in ("mistral", "ministral3", "phi3"):
         return dict(sliding_window=window, layer_types=None)
     layers = hf["num_hidden_layers"]
     kinds = hf.get("layer_types")
@@ -199,9 +228,9 @@ def _attention_kinds(hf: dict, model_type: str | None) -> dict:
 
 
 def rope_frequencies(config: LlamaConfig, sliding: bool = False, long: bool = False) -> jax.Array:
-    """Inverse frequencies (rotary_size/2,), with linear, llama3 or LongRoPE scaling when configured
-    (as transformers; `long`: LongRoPE's factors for sequences past the pretraining length); a
-    sliding layer with its own base (`local_rope_theta`) is unscaled."""
+    """Inverse frequencies (rotary_size/2,), with linear, llama3, LongRoPE or YaRN scaling when
+    configured (as transformers; `long`: LongRoPE's factors for sequences past the pretraining
+    length); a sliding layer with its own base (`local_rope_theta`) is unscaled."""
     dim = config.rotary_size
     local = sliding and config.local_rope_theta is not None
     theta = config.local_rope_theta if local else config.rope_theta
@@ -213,6 +242,8 @@ def rope_frequencies(config: LlamaConfig, sliding: bool = False, long: bool = Fa
         return inv_freq / scaling["factor"]
     if scaling["rope_type"] == "longrope":
         return inv_freq / jnp.asarray(scaling["long_factor" if long else "short_factor"], jnp.float32)
+    if scaling["rope_type"] == "yarn":
+        return _yarn_frequencies(inv_freq, theta, dim, scaling)
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_context = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
@@ -223,17 +254,38 @@ def rope_frequencies(config: LlamaConfig, sliding: bool = False, long: bool = Fa
     return jnp.where(medium, smoothed, scaled)
 
 
+def _yarn_frequencies(inv_freq: jax.Array, theta: float, dim: int, scaling: dict) -> jax.Array:
+    """YaRN: the frequencies that turn fewer than beta_slow times over the pretraining length are
+    interpolated (divided by the factor), those that turn more than beta_fast times are kept, and a
+    linear ramp blends the ones between."""
+    original = scaling["original_max_position_embeddings"]
+
+    def correction_dim(rotations):  # the dimension whose frequency turns `rotations` times over `original`
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling["beta_fast"]), correction_dim(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high  # as transformers: no division by zero
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    kept = 1 - ramp  # 1 where the frequency is extrapolated (kept as it is)
+    return inv_freq / scaling["factor"] * (1 - kept) + inv_freq * kept
+
+
 def rope_cos_sin(config: LlamaConfig, position_ids: jax.Array, sliding: bool) -> tuple[jax.Array, jax.Array]:
     """cos and sin (batch, seq, rotary_size) for these positions, in the compute dtype. LongRoPE
     takes its long factors when the furthest position passes the pretraining length (per call,
-    as transformers' dynamic update) and scales both by its attention factor."""
+    as transformers' dynamic update); LongRoPE and YaRN scale both by their attention factor."""
     def angles(long):
         freqs = position_ids[..., None].astype(jnp.float32) * rope_frequencies(config, sliding, long)
         return jnp.concatenate([freqs, freqs], axis=-1)
 
     scaling = dict(config.rope_scaling or ())
-    if scaling.get("rope_type") != "longrope" or (sliding and config.local_rope_theta is not None):
+    if sliding and config.local_rope_theta is not None:
         both, factor = angles(False), 1.0
+    elif scaling.get("rope_type") != "longrope":
+        both, factor = angles(False), scaling.get("attention_factor", 1.0)
     else:
         long = jnp.max(position_ids) + 1 > scaling["original_max_position_embeddings"]
         both, factor = jnp.where(long, angles(True), angles(False)), scaling["attention_factor"]
@@ -271,7 +323,8 @@ class LlamaAttention(nnx.Module):
         self.scale = (config.query_pre_attn_scalar or head) ** -0.5
         self.softcap = config.attn_logit_softcapping
 
-    def __call__(self, h, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, h, cos, sin, mask, q_scale=None, cache=None, cache_index=None):
+        """`q_scale` (batch, seq), if not None, multiplies the rotated queries (Ministral 3)."""
         batch, seq, _ = h.shape
         if self.fused:  # Phi-3's qkv_proj: q, k, v side by side on the output axis
             q, k, v = jnp.split(self.qkv_proj(h), [self.heads * self.head, (self.heads + self.kv_heads) * self.head], -1)
@@ -283,6 +336,8 @@ class LlamaAttention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale[:, :, None, None].astype(q.dtype)
         if cache is not None:
             k, v = (jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1)
                     for c, new in zip(cache, (k, v)))
@@ -330,9 +385,10 @@ class LlamaDecoderLayer(nnx.Module):
             self.post_feedforward_layernorm = norm(config.hidden_size, config)
         self.sandwich_norm = config.sandwich_norm
 
-    def __call__(self, h, kind, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, h, kind, cos, sin, mask, q_scale=None, cache=None, cache_index=None):
         """`kind` indexes the leading axis of cos, sin and mask: this layer's attention kind."""
-        attended, cache = self.self_attn(self.input_layernorm(h), cos[kind], sin[kind], mask[kind], cache, cache_index)
+        attended, cache = self.self_attn(self.input_layernorm(h), cos[kind], sin[kind], mask[kind], q_scale, cache,
+                                         cache_index)
         if not self.sandwich_norm:
             h = h + attended
             return h + self.mlp(self.post_attention_layernorm(h)), cache
@@ -378,8 +434,12 @@ class LlamaModel(nnx.Module):
         if config.scale_embeddings:
             h = h * jnp.asarray(config.hidden_size**0.5, h.dtype)
 
+        q_scale = None
+        if config.llama_4_scaling_beta is not None:  # Ministral 3's position-dependent query temperature
+            original = dict(config.rope_scaling)["original_max_position_embeddings"]
+            q_scale = 1 + config.llama_4_scaling_beta * jnp.log1p(jnp.floor(position_ids / original))
         h, cache = run_stacked(self.layers[STACK], h, layer_kind, jnp.stack(cos), jnp.stack(sin), jnp.stack(masks),
-                               cache, cache_index, remat=self.remat, in_axes=(0, None, None, None, 0, None),
+                               q_scale, cache, cache_index, remat=self.remat, in_axes=(0, None, None, None, None, 0, None),
                                out_axes=(nnx.Carry, 0))
         h = self.norm(h)
         return h if cache is None else (h, cache)

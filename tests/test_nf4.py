@@ -98,7 +98,9 @@ def test_bit_exact_at_xla_default_optimization():
     env = {**os.environ, "LORAX_TEST_DEFAULT_XLA": "1", "XLA_FLAGS": " ".join(flags)}
     # Every (quant_type, double_quant, dtype) at blocksize 64, and the rounding-boundary tests.
     selected = "(bit_exact_with and 64) or rounds_like_bnb or double_quant_codes"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", selected],
+    # In the one process (-n 0): xdist workers would each import torch and jax again, beside the suite's own.
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__, "-k",
+                             selected],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

@@ -23,7 +23,7 @@ from interop.checkpoint import atomic_write, leaf_at
 from interop.hf import architecture_for, checkpoint_slots, model_config, renamed
 from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
-from lorax.errors import LoraError
+from lorax.errors import LoraError, listing
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -46,8 +46,9 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
     """Write merged params as a transformers checkpoint: config.json + model.safetensors (or shards
     with model.safetensors.index.json above `max_shard_size` bytes). Shards are produced one at a
     time (memory grows by one shard, not by the model), written under temporary names, and renamed
-    into place once all are written. A vision-language model loaded text-only
-    (Gemma3ForConditionalGeneration) is written as its causal LM (Gemma3ForCausalLM: the
+    into place once all are written. A vision-language model loaded text-only is written as its
+    language model's causal LM (Gemma3ForConditionalGeneration as Gemma3ForCausalLM,
+    Mistral3ForConditionalGeneration as MistralForCausalLM or Ministral3ForCausalLM: the
     `text_config` as config.json, `model.layers...` names), since its vision tower was never loaded.
 
     Args:
@@ -92,7 +93,11 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
 
     config = json.loads(config_json)
     if arch.merged_as is not None:
-        config = {**model_config(config, arch), **arch.merged_config, "architectures": [arch.merged_as],
+        text = model_config(config, arch)
+        if text["model_type"] not in arch.merged_as:
+            raise LoraError(f"save_merged cannot write a {text['model_type']!r} language model as a causal LM; "
+                            f"known: {listing(arch.merged_as)}")
+        config = {**text, **arch.merged_config, "architectures": [arch.merged_as[text["model_type"]]],
                   "tie_word_embeddings": model.config.tie_word_embeddings}
     config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
     folder = Path(directory)

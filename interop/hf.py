@@ -68,9 +68,9 @@ class Architecture:
         (transformers' conversion mapping for older saves: `language_model.model.` -> `model.language_model.`).
     skipped: regexes of checkpoint tensors that exist but are not loaded (a vision tower); a
         warning says how many.
-    merged_as: the transformers architecture `save_merged` writes (text-only), with `merged_renames`
-        from our names to its names and `merged_config` over the text config (what makes its logits
-        the ones this model computes). None: the architecture itself.
+    merged_as: the transformers architecture `save_merged` writes (text-only) for each text model_type,
+        with `merged_renames` from our names to its names and `merged_config` over the text config
+        (what makes its logits the ones this model computes). None: the architecture itself.
     """
 
     config_class: type
@@ -81,7 +81,7 @@ class Architecture:
     text_config: dict[str, Any] | None = None
     renames: tuple[tuple[str, str], ...] = ()
     skipped: tuple[str, ...] = ()
-    merged_as: str | None = None
+    merged_as: dict[str, str] | None = None
     merged_renames: tuple[tuple[str, str], ...] = ()
     merged_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -123,14 +123,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma3ForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration,
         text_config={"model_type": "gemma3_text", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS, merged_as="Gemma3ForCausalLM", merged_renames=((r"^model\.language_model\.", "model."),),
+        skipped=VISION_PARTS, merged_as={"gemma3_text": "Gemma3ForCausalLM"},
+        merged_renames=((r"^model\.language_model\.", "model."),),
         # Gemma3ForConditionalGeneration's head never soft-caps; Gemma3ForCausalLM's does if the config says so.
         merged_config={"final_logit_softcapping": None}, checkpoint_overrides=_head_stored),
-    # Mistral Small 3.1 / 3.2: the language model only, as for Gemma 3.
+    # Mistral Small 3.1 / 3.2 and Ministral 3: the language model only, as for Gemma 3.
     "Mistral3ForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration,
         text_config={"model_type": "mistral", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS, merged_as="MistralForCausalLM", merged_renames=((r"^model\.language_model\.", "model."),),
+        skipped=VISION_PARTS, merged_as={"mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM"},
+        merged_renames=((r"^model\.language_model\.", "model."),),
         checkpoint_overrides=_head_stored),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),

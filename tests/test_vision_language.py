@@ -177,7 +177,8 @@ LORA_CONFIGS = [
 
 
 @pytest.mark.parametrize("variant,config", [("gemma3-tied", LORA_CONFIGS[0]), ("gemma3-tied", LORA_CONFIGS[1]),
-                                            ("mistral3-head-stored", LORA_CONFIGS[0])], ids=str)
+                                            ("mistral3-head-stored", LORA_CONFIGS[0]), ("ministral3-tied", LORA_CONFIGS[1])],
+                         ids=str)
 def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path):
     """Same targets and trainable count as peft on the full model (the total differs by exactly
     the vision tower and projector we do not load), the same logits; our adapter loads in
@@ -209,7 +210,8 @@ def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path)
 
     interop.save_merged(tmp_path / "merged", graphdef, lorax.merge(params), progress=False)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert type(merged).__name__ == ARCHITECTURES[type(peft_model.base_model.model).__name__].merged_as
+    assert type(merged) is type(transformers.AutoModelForCausalLM.from_config(peft_model.config.text_config))
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == [type(merged).__name__]
     # The full model's head has no final soft cap; Gemma3ForCausalLM's follows its config, which says so.
     assert getattr(merged.config, "final_logit_softcapping", None) is None
     assert_close_unpadded(torch_logits(merged, ids, mask), torch_logits(peft_model.merge_and_unload(), ids, mask), mask)

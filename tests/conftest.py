@@ -134,6 +134,16 @@ def lorax_line(params) -> str:
     return out.getvalue().strip()
 
 
+def perturb_norms(model):
+    """Move a transformers model's norm weights away from their init (ones, or zeros for Gemma's
+    offsets; q/k norms too), so that a test sees whether they are loaded and used. Returns `model`."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
+
+
 def peft_model_for(torch_model, **config):
     return peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config))
 

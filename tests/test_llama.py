@@ -15,7 +15,7 @@ import transformers
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
+from conftest import adapted_paths, lorax_line, peft_line, perturb_norms, perturb_trained_leaves, sync_into_peft
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
 
@@ -62,12 +62,8 @@ CASES = [(variant, save) for variant in VARIANTS for save in SAVES if save == "s
 def hf_model(variant, **changes):
     config_class, extra = VARIANTS[variant]
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **{**extra, **changes})).eval()
-    with torch.no_grad():  # norms away from their init (ones, or zeros for Gemma's offsets), q/k norms too
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
-    return model
+    config = config_class(**SMALL, **{**extra, **changes})
+    return perturb_norms(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 @pytest.fixture(scope="module")

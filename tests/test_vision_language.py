@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, perturb_trained_leaves, sync_into_peft
+from conftest import adapted_paths, lorax_line, perturb_norms, perturb_trained_leaves, sync_into_peft
 from interop.hf import ARCHITECTURES, model_config
 from lorax.models import LlamaConfig
 
@@ -59,12 +59,7 @@ def hf_model(variant):
     """The transformers model, made from its config with norms moved away from their init."""
     name, top, _ = VARIANTS[variant]
     torch.manual_seed(0)
-    model = transformers.AutoModelForImageTextToText.from_config(MODELS[name](**top)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
-    return model
+    return perturb_norms(transformers.AutoModelForImageTextToText.from_config(MODELS[name](**top)).eval())
 
 
 @pytest.fixture(scope="module")

@@ -458,10 +458,12 @@ class LlamaForCausalLM(nnx.Module):
     """
 
     output_head = "lm_head"
+    backbone = LlamaModel  # what `self.model` is (transformers' `model`)
+    softcaps_logits = True  # whether the head applies the config's final_logit_softcapping
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.model = LlamaModel(config, rngs=rngs)
+        self.model = self.backbone(config, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = linear(config.hidden_size, config.vocab_size, False, config, rngs)
 
@@ -484,7 +486,7 @@ class LlamaForCausalLM(nnx.Module):
         """The output head: (..., hidden) -> (..., vocab), `lm_head` or the tied embeddings
         (soft-capped when the config says so)."""
         logits = lm_logits(h, self.decoder.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)
-        cap = self.config.final_logit_softcapping
+        cap = self.config.final_logit_softcapping if self.softcaps_logits else None
         return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def init_cache(self, batch: int, max_length: int, dtype=None):
@@ -523,17 +525,10 @@ class LlamaForConditionalGeneration(LlamaForCausalLM):
     ['language_model']
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.model = LanguageModelOnly(config, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = linear(config.hidden_size, config.vocab_size, False, config, rngs)
+    backbone = LanguageModelOnly
+    # transformers' *ForConditionalGeneration heads leave out the text model's final_logit_softcapping.
+    softcaps_logits = False
 
     @property
     def decoder(self) -> LlamaModel:
         return self.model.language_model
-
-    def logits(self, h):
-        """The output head, never soft-capped: transformers' *ForConditionalGeneration heads
-        leave out the text model's final_logit_softcapping."""
-        return lm_logits(h, self.decoder.embed_tokens, None if self.config.tie_word_embeddings else self.lm_head)

@@ -160,26 +160,21 @@ def _rope_type(rope: dict, hf: dict, default_theta: float) -> tuple[float, tuple
     rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: {', '.join(ROPE_TYPES)})")
-    if rope_type == "longrope":  # the defaults transformers' _compute_longrope_parameters fills in
+    if rope_type in ("longrope", "yarn"):  # the defaults transformers' _compute_*_parameters fill in
         # Phi-3 keeps its pretraining length outside the RoPE parameters, and transformers prefers that one.
         original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
             or hf["max_position_embeddings"]
         factor = rope.get("factor") or hf["max_position_embeddings"] / original
         attention = rope.get("attention_factor")
-        if attention is None:
+        if attention is None and rope_type == "longrope":
             attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=attention)
-    if rope_type == "yarn":  # the defaults transformers' _compute_yarn_parameters fills in
-        original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
-            or hf["max_position_embeddings"]
-        factor = rope.get("factor") or hf["max_position_embeddings"] / original
-        attention = rope.get("attention_factor")
-        if attention is None:
+        elif attention is None:  # YaRN's, from mscale / mscale_all_dim when both are given
             mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
             attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim) if mscale and mscale_all_dim \
                 else _yarn_mscale(factor)
-        rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=float(attention),
-                    beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+        rope.update(original_max_position_embeddings=original, factor=factor, attention_factor=float(attention))
+    if rope_type == "yarn":
+        rope.update(beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
                     truncate=rope.get("truncate", True))
     return theta, (None if rope_type == "default" else tuple(sorted(rope.items())))
 

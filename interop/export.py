@@ -86,7 +86,7 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
                 slot = slots[name]
                 value = host(slot.leaf)
                 tensors[name] = np.empty(slot.shape, dtypes[name])
-                copies.append(Copy(tensors[name], value if slot.layer is None else value[slot.layer], slot.transpose))
+                copies.append(Copy(tensors[name], value[slot.index], slot.transpose))
             copy_all(copies, progress=progress, desc=f"writing {label}")
             save_file(tensors, path, metadata={"format": "pt"})
         return write

@@ -101,6 +101,14 @@ LLAVA_RENAMES = ((r"^language_model\.lm_head\.", "lm_head."), (r"^language_model
 VISION_PARTS = (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
 
 
+# Mixtral checkpoints name the MoE block `block_sparse_moe` and the expert projections w1 (gate),
+# w3 (up), w2 (down); transformers 5's modules (and ours) are `mlp.experts.*`, as Qwen3-MoE's.
+MIXTRAL_RENAMES = ((r"\.block_sparse_moe\.", ".mlp."), (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+                   (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."), (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."))
+MIXTRAL_NAMES_BACK = ((r"\.mlp\.", ".block_sparse_moe."), (r"\.experts\.(\d+)\.gate_proj\.", r".experts.\1.w1."),
+                      (r"\.experts\.(\d+)\.up_proj\.", r".experts.\1.w3."), (r"\.experts\.(\d+)\.down_proj\.", r".experts.\1.w2."))
+
+
 def _head_stored(tensor_names: list[str]) -> dict:
     """A vision-language checkpoint that stores its own lm_head is untied whatever config.json says:
     transformers 5 reads a missing top-level `tie_word_embeddings` as True, then unties a head the
@@ -119,6 +127,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Phi3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Ministral3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "MixtralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM, renames=MIXTRAL_RENAMES,
+                                       merged_renames=MIXTRAL_NAMES_BACK),
+    "Qwen3MoeForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     # Gemma 3 4B and larger: the language model only (see LlamaForConditionalGeneration).
     "Gemma3ForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration,
@@ -144,16 +155,41 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 @dataclasses.dataclass(frozen=True)
 class Slot:
-    """Where one checkpoint tensor goes: a leaf of our tree, a layer of it, and its layout."""
+    """Where one checkpoint tensor goes: a leaf of our tree, a layer of it, a part of that (one
+    expert's half of a fused MoE projection), and its layout."""
 
     leaf: tuple
     layer: int | None
     transpose: bool
     shape: tuple[int, ...]
+    part: tuple = ()
+
+    @property
+    def index(self) -> tuple:
+        """The index of this tensor's place in the leaf: leaf[slot.index]."""
+        return ((self.layer,) if self.layer is not None else ()) + self.part
 
 
 def _hf_leaf(name: str) -> str:
     return {"kernel": "weight", "embedding": "weight"}.get(name, name)
+
+
+# transformers 5 fuses a mixture-of-experts layer's experts into 3-D parameters (lorax/models/moe.py),
+# but checkpoints keep one Linear per expert: our leaf -> the checkpoint's per-expert modules, in
+# the order they sit on the leaf's output axis.
+EXPERT_MODULES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _leaf_slots(names: list[str], keys: tuple, layer: int | None, shape: tuple, transpose: bool) -> dict[str, Slot]:
+    """The checkpoint tensors of one (layer of a) leaf: itself, or one per expert and fused part."""
+    if names[-2:-1] == ["experts"] and names[-1] in EXPERT_MODULES and len(shape) == 3:
+        parts = EXPERT_MODULES[names[-1]]
+        width = shape[2] // len(parts)
+        return {".".join([*names[:-1], str(expert), module, "weight"]):
+                Slot(keys, layer, True, (width, shape[1]), (expert, slice(None), slice(i * width, (i + 1) * width)))
+                for expert in range(shape[0]) for i, module in enumerate(parts)}
+    hf = ".".join([*names[:-1], _hf_leaf(names[-1])])
+    return {hf: Slot(keys, layer, transpose, tuple(shape[::-1] if transpose else shape))}
 
 
 def checkpoint_slots(abstract: dict, arch: Architecture) -> dict[str, Slot]:
@@ -167,12 +203,10 @@ def checkpoint_slots(abstract: dict, arch: Architecture) -> dict[str, Slot]:
         if STACK in names:
             at = names.index(STACK)
             for layer in range(leaf.shape[0]):
-                hf = ".".join([*names[:at], str(layer), *names[at + 1:-1], _hf_leaf(names[-1])])
-                shape = leaf.shape[1:][::-1] if transpose else leaf.shape[1:]
-                slots[hf] = Slot(keys, layer, transpose, tuple(shape))
+                slots.update(_leaf_slots([*names[:at], str(layer), *names[at + 1:]], keys, layer, leaf.shape[1:],
+                                         transpose))
         else:
-            hf = ".".join([*names[:-1], _hf_leaf(names[-1])])
-            slots[hf] = Slot(keys, None, transpose, tuple(leaf.shape[::-1] if transpose else leaf.shape))
+            slots.update(_leaf_slots(names, keys, None, leaf.shape, transpose))
     return slots
 
 
@@ -318,7 +352,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
                                   f"(config.json and the weights disagree)")
         target = leaf_at(arrays, slot.leaf)
-        copies.append(Copy(target if slot.layer is None else target[slot.layer], tensor, slot.transpose))
+        copies.append(Copy(target[slot.index], tensor, slot.transpose))
         filled.add(key)
     if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
         quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots, arch))

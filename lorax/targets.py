@@ -189,6 +189,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
     """
     all_modules = modules(params)
     linear = frozenset(path for path, m in all_modules.items() if m.kind == "linear" and path != output_head)
+    _check_experts_untargeted(config, all_modules)
     _check_every_name_matches(config, all_modules)
     saved = saved_module_paths(config, params)
     targets = []
@@ -215,6 +216,45 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
             f"{listing(adaptable) or 'none'}.{root}"
         )
     return targets
+
+
+# peft (0.21, on transformers 5 mixture-of-experts models) adapts the fused 3-D expert weights through
+# `target_parameters`, and maps the per-expert names of transformers 4 (gate_proj / up_proj / down_proj,
+# Mixtral's w1 / w2 / w3) and "all-linear" onto them; lorax does not adapt expert weights (yet).
+PEFT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+
+
+def expert_modules(all_modules: dict[str, Module]) -> dict[str, Module]:
+    """A mixture-of-experts layer's experts, by path: modules named `experts` (transformers' name)
+    holding 3-D weights (experts x in x out)."""
+    return {path: module for path, module in all_modules.items() if path.rpartition(".")[2] == "experts"
+            and any(getattr(leaf, "ndim", 0) - (module.layer is not None) == 3 for leaf in module.leaves.values())}
+
+
+def _check_experts_untargeted(config: LoraConfig, all_modules: dict[str, Module]) -> None:
+    """Refuse a config that peft would apply to a mixture-of-experts layer's experts: silently
+    adapting fewer modules than peft would give other counts and another model."""
+    experts = expert_modules(all_modules)
+    if not experts:
+        return
+    targets = config.target_modules
+    names = {n for m in experts.values() for n in m.leaves} | set(PEFT_EXPERT_NAMES)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        reason = '"all-linear"'
+    elif isinstance(targets, str):  # a regex: peft probes the experts' old per-expert names against it
+        hits = [f"{p}.{n}" for p in experts for n in sorted(names) if re.fullmatch(targets, f"{p}.{n}")]
+        reason = f"the regex (it matches {hits[0]!r})" if hits else None
+    else:
+        hits = [name for name in targets if name.rpartition(".")[2] in names]
+        reason = f"the name {hits[0]!r}" if hits else None
+    if reason:
+        raise TargetError(
+            f"target_modules={targets!r}: this model has mixture-of-experts layers "
+            f"({listing(sorted({m.stored_path for m in experts.values()}))}), and peft "
+            f"adapts their expert weights for {reason} (as target_parameters). lorax does not adapt expert weights "
+            "yet; list the linear modules to adapt instead, e.g. the attention projections "
+            "['q_proj', 'k_proj', 'v_proj', 'o_proj'], which peft adapts the same way"
+        )
 
 
 def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3/4) as a Flax NNX model whose parameter paths are
+"""The Llama family (Llama 2/3, Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Gemma 1/2/3, Phi-3/4) as a Flax NNX model whose parameter paths are
 Hugging Face's module names: `model.embed_tokens`, `model.layers.3.self_attn.q_proj`, `lm_head`.
 
 The decoder layers are stored stacked, under `model.layers.*` (leading axis = layer), and run
@@ -22,6 +22,7 @@ from flax import nnx
 
 from lorax.models.layers import (STACK, RMSNorm, activation, attention, cached_mask, causal_mask, empty_cache,
                                   linear, lm_logits, run_stacked, stacked)
+from lorax.models.moe import SparseMoeBlock
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "longrope", "yarn")
@@ -39,6 +40,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": 4096},
     "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
     "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-5},
     "phi3": {"rms_norm_eps": 1e-5},
     "ministral3": {"rms_norm_eps": 1e-5, "head_dim": 128, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
@@ -59,7 +62,8 @@ class LlamaConfig:
     its sliding layers their own RoPE base (`local_rope_theta`); Phi-3 fuses q/k/v into
     `qkv_proj` and gate/up into `gate_up_proj` (`fused_projections`), may rotate only part of
     each head (`partial_rotary_factor`) and uses LongRoPE scaling; Ministral 3 is Mistral with
-    YaRN RoPE and a query temperature that grows with the position (`llama_4_scaling_beta`).
+    YaRN RoPE and a query temperature that grows with the position (`llama_4_scaling_beta`);
+    Mixtral is Mistral with a mixture-of-experts MLP (`num_experts`), and Qwen3-MoE is Qwen3 with one.
     `from_hf` sets these switches from config.json's `model_type` and fields, as transformers'
     modeling files do.
     """
@@ -94,6 +98,11 @@ class LlamaConfig:
     fused_projections: bool = False  # one qkv_proj and one gate_up_proj (Phi-3)
     # queries times 1 + beta·log(1 + floor(position / original_max_position_embeddings)) after RoPE (Ministral 3)
     llama_4_scaling_beta: float | None = None
+    # Mixture of experts in every layer's MLP (Mixtral, Qwen3-MoE): 0 = a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k experts per token
+    moe_intermediate_size: int | None = None  # each expert's inner size (default: intermediate_size)
+    norm_topk_prob: bool = True  # rescale the chosen experts' router probabilities to sum to one
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32
 
@@ -145,12 +154,29 @@ class LlamaConfig:
         values.update(
             fused_projections=model_type == "phi3",
             qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             unit_offset_norm=gemma,
             scale_embeddings=gemma,
             sandwich_norm=model_type in ("gemma2", "gemma3_text"),
         )
+        values.update(_experts(hf, model_type))
         return cls(**{**values, **overrides})
+
+
+def _experts(hf: dict, model_type: str | None) -> dict:
+    """The mixture-of-experts fields (Mixtral's `num_local_experts`, Qwen3-MoE's `num_experts`).
+    Our layers are one scanned stack, so every layer must have the same MLP: Qwen3-MoE configs
+    with dense layers among the sparse ones (`decoder_sparse_step` > 1, `mlp_only_layers`) are refused."""
+    if model_type not in ("mixtral", "qwen3_moe"):
+        return {}
+    if model_type == "qwen3_moe" and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+        raise NotImplementedError("Qwen3-MoE with dense MLP layers among the expert layers (decoder_sparse_step "
+                                  f"{hf.get('decoder_sparse_step')}, mlp_only_layers {hf.get('mlp_only_layers')}) "
+                                  "is not supported yet: every layer must be a mixture-of-experts layer")
+    return dict(num_experts=hf.get("num_local_experts") or hf["num_experts"],
+                num_experts_per_tok=hf["num_experts_per_tok"],
+                moe_intermediate_size=hf.get("moe_intermediate_size") or hf["intermediate_size"],
+                norm_topk_prob=model_type == "mixtral" or bool(hf.get("norm_topk_prob", False)))
 
 
 def _rope_type(rope: dict, hf: dict, default_theta: float) -> tuple[float, tuple | None]:
@@ -207,9 +233,10 @@ def _attention_kinds(hf: dict, model_type: str | None) -> dict:
     slide on every layer; Qwen only with use_sliding_window, from layer max_window_layers on; Gemma 2
     alternates; Gemma 3 slides on all but every sliding_window_pattern-th layer."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         window = None
-    if window is None or model_type in ("mistral", "ministral3", "phi3"):
+    # Qwen3-MoE, when it slides, slides on every layer (it has no max_window_layers).
+    if window is None or model_type in ("mistral", "ministral3", "mixtral", "phi3", "qwen3_moe"):
         return dict(sliding_window=window, layer_types=None)
     layers = hf["num_hidden_layers"]
     kinds = hf.get("layer_types")
@@ -372,7 +399,14 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.self_attn = LlamaAttention(config, rngs=rngs)
-        self.mlp = LlamaMLP(config, rngs=rngs)
+        if config.num_experts:
+            self.mlp = SparseMoeBlock(hidden=config.hidden_size,
+                                      intermediate=config.moe_intermediate_size or config.intermediate_size,
+                                      num_experts=config.num_experts, top_k=config.num_experts_per_tok,
+                                      norm_topk_prob=config.norm_topk_prob, act=config.hidden_act, dtype=config.dtype,
+                                      param_dtype=config.param_dtype, rngs=rngs)
+        else:
+            self.mlp = LlamaMLP(config, rngs=rngs)
         self.input_layernorm = norm(config.hidden_size, config)
         self.post_attention_layernorm = norm(config.hidden_size, config)
         if config.sandwich_norm:

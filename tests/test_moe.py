@@ -1,0 +1,238 @@
+"""Mixture-of-experts models (Mixtral, Qwen3-MoE) loaded from transformers' own save_pretrained
+folders: logits, generation, gradients, LoRA counts and PeftModel outputs, merged export, all
+against the real libraries."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+import transformers
+
+import interop
+import lorax
+from conftest import adapted_paths, lorax_line, peft_line, perturb_norms, sync_into_peft
+from interop.checkpoint import read_tensors
+from lorax.models import LlamaConfig
+from lorax.models.generate import generate
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2)
+# 4 experts, 2 per token: with 2 x 9 tokens every expert gets some tokens and some get none of a
+# sequence's; Qwen3-MoE's experts are narrower than its (unused) dense intermediate size.
+VARIANTS = {
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral-window": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                   head_dim=16)),
+    "qwen3-moe-normed": (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=16,
+                                                          norm_topk_prob=True, use_sliding_window=True, sliding_window=4)),
+}
+
+
+def hf_model(variant, **changes):
+    config_class, extra = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **{**extra, **changes})).eval()
+    # transformers' init (std 0.02) leaves the experts' outputs too small to see in the logits, and
+    # the routers' choices close to ties: both are scaled up so that a test sees every expert's part.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp." in name:
+                param.normal_(0, 1 if name.endswith("gate.weight") else 0.2,
+                              generator=torch.Generator().manual_seed(len(name)))
+    return perturb_norms(model)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """variant -> (torch model, folder saved as safetensors)."""
+    out = {}
+    for variant in VARIANTS:
+        model = hf_model(variant)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (model, folder)
+    return out
+
+
+def tokens(batch=2, length=9, seed=0):
+    ids = torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    return ids, mask
+
+
+def logits_of(graphdef, params, ids, mask=None):
+    args = (jnp.asarray(ids.numpy()),) + (() if mask is None else (jnp.asarray(mask.numpy()),))
+    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_equal_transformers(saved, variant):
+    model, folder = saved[variant]
+    names = [name for name, _ in read_tensors(folder)]
+    assert any(".experts.3." in name for name in names)  # the checkpoint stores one Linear per expert
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens()
+    with torch.no_grad():
+        plain, padded = model(ids).logits.numpy(), model(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, params, ids), plain, atol=1e-4, rtol=1e-4)
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(logits_of(graphdef, params, ids, mask)[real], padded[real], atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_and_bin_saves_load(tmp_path):
+    model = hf_model("mixtral")
+    ids, _ = tokens()
+    with torch.no_grad():
+        theirs = model(ids).logits.numpy()
+    for name, save in {"sharded": dict(max_shard_size="40KB"), "bin": dict(safe_serialization=False)}.items():
+        model.save_pretrained(tmp_path / name, **save)
+        graphdef, params = lorax.split(interop.from_pretrained(tmp_path / name, progress=False))
+        np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_routing_matters():
+    """The parity above sees the routing: another top-k gives other logits (same weights)."""
+    ids, _ = tokens()
+    with torch.no_grad():
+        two = hf_model("qwen3-moe")(ids).logits.numpy()
+        three = hf_model("qwen3-moe", num_experts_per_tok=3)(ids).logits.numpy()
+        normed = hf_model("qwen3-moe", norm_topk_prob=True)(ids).logits.numpy()
+    assert np.abs(two - three).max() > 1e-2 and np.abs(two - normed).max() > 1e-2
+
+
+def test_config_fields_left_out_read_as_transformers_fills_them():
+    for config_class in (transformers.MixtralConfig, transformers.Qwen3MoeConfig):
+        sparse = dict(model_type=config_class.model_type, **SMALL)
+        full = config_class(**SMALL).to_dict()
+        assert LlamaConfig.from_hf(sparse) == LlamaConfig.from_hf(full), config_class.__name__
+    qwen = LlamaConfig.from_hf(transformers.Qwen3MoeConfig(**SMALL).to_dict())
+    assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size, qwen.norm_topk_prob) == (128, 8, 768, False)
+
+
+def test_dense_layers_among_expert_layers_are_refused():
+    hf = transformers.Qwen3MoeConfig(**SMALL, decoder_sparse_step=2).to_dict()
+    with pytest.raises(NotImplementedError, match="decoder_sparse_step"):
+        LlamaConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("variant", ["mixtral-window", "qwen3-moe"])
+def test_greedy_generation_equals_transformers(saved, variant):
+    model, folder = saved[variant]
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens(length=5, seed=1)
+    with torch.no_grad():
+        # No eos: Mixtral's (2) would end transformers' generation early; ours runs max_new_tokens.
+        model.generation_config.eos_token_id = None
+        theirs = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
+    ours = generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()),
+                    max_new_tokens=10)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+LORA_CASES = [("mixtral", dict(r=4, target_modules=["q_proj", "v_proj"])),
+              ("mixtral", dict(r=2, target_modules=ATTENTION, layers_to_transform=[0, 2])),
+              ("qwen3-moe-normed", dict(r=2, target_modules=r".*\.(q|o)_proj", use_rslora=True))]
+
+
+@pytest.mark.parametrize("variant,config", LORA_CASES, ids=str)
+def test_lora_matches_peft(saved, variant, config):
+    """peft's targets, counts (every expert in the total), logits and merge."""
+    model, folder = saved[variant]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens()
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1),
+                        output_head="lm_head")
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
+    assert lorax_line(params) == peft_line(peft_model)
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    ours = logits_of(graphdef, params, ids, mask)
+    assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
+    np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        theirs_merged = peft_model.merge_and_unload()(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, lorax.merge(params), ids, mask)[real], theirs_merged[real],
+                               atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_lora_gradients_through_the_experts_equal_torch(saved, variant):
+    """The loss gradient of every adapter equals torch's through peft: the backward pass runs
+    through the routed experts of the layers above (jax.lax.ragged_dot's transpose)."""
+    model, folder = saved[variant]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    config = dict(r=4, target_modules=["q_proj", "v_proj"])
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1))
+    trainable, frozen = lorax.partition(params)
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config))
+    sync_into_peft(params, peft_model)
+    ids, mask = tokens()
+
+    def loss(trainable):
+        logits = lorax.apply(graphdef, lorax.combine(trainable, frozen), jnp.asarray(ids.numpy()[:, :-1]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ids.numpy()[:, 1:])).mean()
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    logits = peft_model(ids[:, :-1]).logits
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    torch_grads = {name: p.grad.numpy() for name, p in peft_model.named_parameters() if p.grad is not None}
+    adapters = [leaf for leaf in jax.tree_util.tree_leaves(grads, is_leaf=lorax.is_adapter) if isinstance(leaf, lorax.LoraArray)]
+    assert adapters and len(torch_grads) == 2 * 2 * SMALL["num_hidden_layers"]
+    for leaf in adapters:
+        for layer in range(SMALL["num_hidden_layers"]):
+            prefix = f"base_model.model.{leaf.path.replace('*', str(layer))}"
+            np.testing.assert_allclose(np.asarray(leaf.a[layer]).T, torch_grads[f"{prefix}.lora_A.default.weight"],
+                                       atol=1e-5, rtol=1e-3)
+            np.testing.assert_allclose(np.asarray(leaf.b[layer]).T, torch_grads[f"{prefix}.lora_B.default.weight"],
+                                       atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_merged_export_loads_in_transformers(saved, variant, tmp_path):
+    """save_merged writes one tensor per expert under the checkpoint's names (Mixtral's
+    block_sparse_moe / w1 w2 w3): transformers loads them and gives our logits."""
+    model, folder = saved[variant]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    params = lorax.lora(base, lorax.LoraConfig(r=4, target_modules=ATTENTION, init_lora_weights=False),
+                        key=jax.random.key(0))
+    merged = lorax.merge(params)
+    interop.save_merged(tmp_path, graphdef, merged)
+    assert sorted(name for name, _ in read_tensors(tmp_path)) == sorted(name for name, _ in read_tensors(folder))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        theirs = loaded(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(theirs[real], logits_of(graphdef, merged, ids, mask)[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant,targets", [
+    ("mixtral", "all-linear"), ("qwen3-moe", "all-linear"), ("qwen3-moe", ["q_proj", "down_proj"]),
+    ("mixtral", ["v_proj", "w1", "w3"]), ("qwen3-moe", r".*\.(q_proj|up_proj|gate_proj)")])
+def test_targets_that_peft_applies_to_the_experts_are_refused(saved, variant, targets):
+    """peft turns these into LoRA on every expert (target_parameters); we do not adapt experts, so
+    adapting only the rest would give other counts and another model than peft's: refused."""
+    model, folder = saved[variant]
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(r=2, target_modules=targets))
+    assert peft_model.peft_config["default"].target_parameters  # what peft does with them
+    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    with pytest.raises(lorax.TargetError, match="mixture-of-experts.*'q_proj', 'k_proj'"):
+        lorax.lora(base, lorax.LoraConfig(r=2, target_modules=targets), key=jax.random.key(0))
+
+
+def test_router_and_experts_are_not_lora_targets(saved):
+    _, folder = saved["qwen3-moe"]
+    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    for name in ("experts", "gate"):
+        with pytest.raises(lorax.TargetError, match="cannot adapt"):
+            lorax.lora(base, lorax.LoraConfig(r=2, target_modules=[name]), key=jax.random.key(0))

@@ -257,7 +257,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise LoraError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA') load")
     for name, default in PEFT_BOOKKEEPING.items():
         if name in raw and name not in ("peft_type", "base_model_name_or_path", "revision", "inference_mode",
-                                        "auto_mapping", "peft_version") and raw[name] not in (default, None, {}, False):
+                                        "auto_mapping", "peft_version") and raw[name] not in (default, None, {}, [], False):
             raise LoraError(f"{path}: {name}={raw[name]!r} is a peft feature lorax does not support yet")
     fields = {k: v for k, v in raw.items() if k not in PEFT_BOOKKEEPING}
     return LoraConfig.from_dict(fields)

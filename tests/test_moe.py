@@ -141,8 +141,9 @@ LORA_CASES = [("mixtral", dict(r=4, target_modules=["q_proj", "v_proj"])),
 
 
 @pytest.mark.parametrize("variant,config", LORA_CASES, ids=str)
-def test_lora_matches_peft(saved, variant, config):
-    """peft's targets, counts (every expert in the total), logits and merge."""
+def test_lora_matches_peft(saved, variant, config, tmp_path):
+    """peft's targets, counts (every expert in the total), logits and merge; our adapter file in
+    PeftModel and peft's in ours."""
     model, folder = saved[variant]
     graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
     ids, mask = tokens()
@@ -158,6 +159,14 @@ def test_lora_matches_peft(saved, variant, config):
     ours = logits_of(graphdef, params, ids, mask)
     assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=1e-4)
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
+        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4, rtol=1e-4)
+    peft_model.save_pretrained(tmp_path / "theirs")
+    back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
+    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask), ours, atol=1e-5)
     with torch.no_grad():
         theirs_merged = peft_model.merge_and_unload()(ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(logits_of(graphdef, lorax.merge(params), ids, mask)[real], theirs_merged[real],
@@ -228,6 +237,14 @@ def test_targets_that_peft_applies_to_the_experts_are_refused(saved, variant, ta
     _, base = lorax.split(interop.from_pretrained(folder, progress=False))
     with pytest.raises(lorax.TargetError, match="mixture-of-experts.*'q_proj', 'k_proj'"):
         lorax.lora(base, lorax.LoraConfig(r=2, target_modules=targets), key=jax.random.key(0))
+
+
+def test_peft_adapter_on_the_experts_is_refused_by_name(saved, tmp_path):
+    _, folder = saved["mixtral"]
+    peft.get_peft_model(hf_model("mixtral"), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(tmp_path)
+    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    with pytest.raises(lorax.LoraError, match="target_parameters=.*gate_up_proj.*not support"):
+        interop.load_adapter(tmp_path, base)
 
 
 def test_router_and_experts_are_not_lora_targets(saved):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop.checkpoint import CheckpointError, atomic_write, read_safetensors
-from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
+from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
 from lorax.targets import STACK, dotted, leaves_by_path, modules
@@ -55,7 +55,7 @@ PEFT_BOOKKEEPING = {
     "peft_type": "LORA", "base_model_name_or_path": None, "revision": None, "inference_mode": True,
     "auto_mapping": None, "peft_version": None, "megatron_core": "megatron.core", "qalora_group_size": 16,
     "lora_bias": False, "layer_replication": None, "megatron_config": None, "loftq_config": {},
-    "eva_config": None, "corda_config": None, "target_parameters": None, "trainable_token_indices": None,
+    "eva_config": None, "corda_config": None, "trainable_token_indices": None,
     "use_qalora": False, "alora_invocation_tokens": None, "arrow_config": None,
     "kasa_config": None, "lora_ga_config": None, "monteclora_config": None, "use_bdlora": None,
     "velora_config": None,
@@ -77,24 +77,70 @@ def _adapted_modules(leaf: LoraArray) -> list[tuple[str, int | None]]:
 
 
 def _module_factors(leaf: LoraArray) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(module path, a (in, r), b (r, out)) per adapted module, the padding of stacked ranks removed."""
+    """(module path, a (..., in, r), b (..., r, out)) per adapted module, the padding of stacked ranks removed."""
     a, b = np.asarray(leaf.a), np.asarray(leaf.b)
-    return [(path, a, b) if layer is None else (path, a[layer, :, :leaf.ranks[layer]], b[layer, :leaf.ranks[layer]])
+    return [(path, a, b) if layer is None else
+            (path, a[layer, ..., :leaf.ranks[layer]], b[layer, ..., :leaf.ranks[layer], :])
             for path, layer in _adapted_modules(leaf)]
+
+
+# transformers' order of an experts module's parameters. peft wraps each adapted one in a
+# ParamWrapper around the module, in this order, so the first adapted sits innermost: its tensors
+# are `experts.base_layer.lora_A.weight` when the second is adapted too (`experts.lora_A.weight`).
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+def _expert_prefixes(params: Any) -> dict[str, str]:
+    """Per adapted expert parameter (`model.layers.0.mlp.experts.down_proj`), the module path under
+    which peft files its factors (`model.layers.0.mlp.experts[.base_layer...]`)."""
+    adapted: dict[str, list[str]] = {}
+    for _, leaf in leaves_by_path(params):
+        if isinstance(leaf, ExpertLoraArray):
+            for path, _ in _adapted_modules(leaf):
+                module, _, name = path.rpartition(".")
+                adapted.setdefault(module, []).append(name)
+    prefixes = {}
+    for module, names in adapted.items():
+        ordered = sorted(names, key=lambda n: EXPERT_PARAMETERS.index(n) if n in EXPERT_PARAMETERS else len(names))
+        for i, name in enumerate(ordered):
+            prefixes[f"{module}.{name}"] = module + ".base_layer" * (len(ordered) - 1 - i)
+    return prefixes
+
+
+def _to_file(leaf: LoraArray, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Our a (in, r), b (r, out) as peft's lora_A (r, in), lora_B (out, r); for experts, a (experts,
+    in, r), b (experts, r, out) as ParamWrapper's lora_A (experts·r, in), rows expert by expert, and
+    lora_B (out, r·experts), columns rank by rank."""
+    if not isinstance(leaf, ExpertLoraArray):
+        return a.T, b.T
+    experts, d_in, r = a.shape
+    return a.transpose(0, 2, 1).reshape(experts * r, d_in), b.transpose(2, 1, 0).reshape(b.shape[2], r * experts)
+
+
+def _from_file(leaf: LoraArray, a_file: np.ndarray, b_file: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `_to_file`."""
+    if not isinstance(leaf, ExpertLoraArray):
+        return a_file.T, b_file.T
+    experts = leaf.w.shape[-3]
+    r = a_file.shape[0] // experts
+    return (a_file.reshape(experts, r, -1).transpose(0, 2, 1),
+            b_file.reshape(b_file.shape[0], r, experts).transpose(2, 1, 0))
 
 
 def adapter_state(params: Any) -> dict[str, np.ndarray]:
     """The tensors peft saves for these params, by peft's names, in their dtypes."""
     tensors = {}
     lora_modules = set()
+    experts = _expert_prefixes(params)
     for path, leaf in leaves_by_path(params):
         if isinstance(leaf, LoraArray):
             embedding = path.endswith(".embedding")
             for path, a, b in _module_factors(leaf):
                 lora_modules.add(path)
                 names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
-                tensors[f"{PREFIX}{path}.{names[0]}"] = np.ascontiguousarray(a.T)
-                tensors[f"{PREFIX}{path}.{names[1]}"] = np.ascontiguousarray(b.T)
+                a_file, b_file = _to_file(leaf, a, b)
+                tensors[f"{PREFIX}{experts.get(path, path)}.{names[0]}"] = np.ascontiguousarray(a_file)
+                tensors[f"{PREFIX}{experts.get(path, path)}.{names[1]}"] = np.ascontiguousarray(b_file)
             if isinstance(leaf, DoraArray):
                 m = np.asarray(leaf.m)
                 for path, layer in _adapted_modules(leaf):
@@ -334,6 +380,7 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
     """params with A/B and trained leaves replaced by the file's tensors (names as adapter_state
     gives them), and the base tables of adapted embeddings by `base_tables` (leaf path -> table)."""
     lora_modules = set()
+    experts = _expert_prefixes(params)
 
     def fill_lora(keypath, leaf):
         if not isinstance(leaf, LoraArray):
@@ -344,16 +391,17 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         modules = _module_factors(leaf)
         # The adapter keeps the file's dtype (a bf16 adapter stays bf16).
-        dtype = tensors[f"{PREFIX}{modules[0][0]}.{names[0]}"].dtype
+        dtype = tensors[f"{PREFIX}{experts.get(modules[0][0], modules[0][0])}.{names[0]}"].dtype
         a, b = np.array(leaf.a).astype(dtype), np.array(leaf.b).astype(dtype)
         for index, (path, _, _) in enumerate(modules):
             lora_modules.add(path)
-            a_file, b_file = tensors[f"{PREFIX}{path}.{names[0]}"].T, tensors[f"{PREFIX}{path}.{names[1]}"].T
+            prefix = f"{PREFIX}{experts.get(path, path)}"
+            a_file, b_file = _from_file(leaf, tensors[f"{prefix}.{names[0]}"], tensors[f"{prefix}.{names[1]}"])
             if leaf.ranks is None:
                 a, b = a_file, b_file
             else:
                 layer = [i for i, r in enumerate(leaf.ranks) if r][index]
-                a[layer, :, : a_file.shape[1]], b[layer, : b_file.shape[0]] = a_file, b_file
+                a[layer, ..., : a_file.shape[-1]], b[layer, ..., : b_file.shape[-2], :] = a_file, b_file
         leaf = eqx.tree_at(lambda l: (l.a, l.b), leaf, (jnp.asarray(a), jnp.asarray(b)))
         if isinstance(leaf, DoraArray):
             m = np.array(leaf.m).astype(dtype)

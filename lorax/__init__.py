@@ -9,7 +9,7 @@ trainable params: ... || all params: ... || trainable%: ...
 """
 
 from lorax.apply import ModelDef, apply, split, with_dropout
-from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
+from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError, TargetError, UnsupportedOpError
 from lorax.loraplus import loraplus_optimizer
@@ -31,6 +31,7 @@ from lorax.transform import (
 __all__ = [
     "DoraArray",
     "LoraArray",
+    "ExpertLoraArray",
     "LoraConfig",
     "LoraConfigError",
     "LoraError",

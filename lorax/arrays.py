@@ -186,6 +186,30 @@ class DoraArray(LoraArray):
         return (merged / self.magnitude_scale()[..., None, :]).astype(merged.dtype) - self.delta()
 
 
+class ExpertLoraArray(LoraArray):
+    """LoRA on a mixture-of-experts layer's experts, each expert with its own factors: w
+    (..., experts, in, out), a (..., experts, in, r), b (..., experts, r, out) — peft's
+    `ParamWrapper` on a 3-D parameter (`target_parameters`), whose lora_A (experts·r, in) and
+    lora_B (out, r·experts) hold the same numbers (interop/peft.py reorders them). Its rule is
+    for `jax.lax.ragged_dot` (rows grouped by expert): the base grouped product plus
+    s·((x·a_e)·b_e) per group, never forming the experts' sums.
+
+    >>> w = jnp.zeros((2, 4, 3)); a = jnp.ones((2, 4, 1)); b = jnp.ones((2, 1, 3))
+    >>> weight = ExpertLoraArray(w, a, b, scale=0.5, path="experts.down_proj")
+    >>> rows = jnp.ones((3, 4)); group_sizes = jnp.array([1, 2])     # row 0: expert 0; rows 1, 2: expert 1
+    >>> quax.quaxify(jax.lax.ragged_dot)(rows, weight, group_sizes)[:, 0]
+    Array([2., 2., 2.], dtype=float32)
+    """
+
+    def adapter_size(self) -> int:
+        experts = self.w.shape[-3]
+        return experts * super().adapter_size()
+
+    def delta(self) -> jax.Array:
+        scale = jnp.asarray(self.scale)[..., None, None, None]
+        return (scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
+
+
 class TrainableArray(quax.ArrayValue):
     """A plain leaf that is trained: a bias (bias="all"/"lora_only") or a modules_to_save copy.
 
@@ -384,6 +408,38 @@ def _lora_rows(table: LoraArray, indices, numbers, slice_sizes, params: dict) ->
     offset = numbers.offset_dims[0]
     delta = jnp.moveaxis(jnp.moveaxis(a_rows, offset, -1) @ table.b, -1, offset)
     return table.add_delta(rows, delta)
+
+
+def _ragged_dot_equation():
+    """jax.lax.ragged_dot's primitive and its dimension numbers, read from its jaxpr: JAX does not
+    export the primitive (jax.lax has the function, jax.extend not the primitive), and a quax rule
+    is registered on the primitive."""
+    jaxpr = jax.make_jaxpr(lax.ragged_dot)(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2], jnp.int32))
+    (equation,) = jaxpr.eqns
+    return equation.primitive, equation.params["ragged_dot_dimension_numbers"]
+
+
+ragged_dot_general_p, RAGGED_DOT_NUMBERS = _ragged_dot_equation()
+
+
+@quax.register(ragged_dot_general_p)
+def _ragged_dot(x: jax.Array | quax.ArrayValue, weight: ExpertLoraArray, group_sizes: jax.Array, *,
+                ragged_dot_dimension_numbers, **params):
+    """`jax.lax.ragged_dot(x, W, group_sizes)` with each expert's W_e = w_e + s·a_e b_e: rows
+    (m, in) grouped by expert, the base product plus s·((x·a_e)·b_e), in two small grouped products."""
+    x = x.materialise() if isinstance(x, quax.ArrayValue) else x
+    if weight.ndim != 3 or x.ndim != 2 or ragged_dot_dimension_numbers != RAGGED_DOT_NUMBERS:
+        raise _unsupported(weight, f"ragged_dot with {ragged_dot_dimension_numbers} on {x.shape} rows (expected "
+                           "jax.lax.ragged_dot's own: rows (m, in) grouped by expert; stacked layers sliced by lax.scan)")
+
+    def product(lhs, rhs, params):
+        return ragged_dot_general_p.bind(lhs, rhs, group_sizes, ragged_dot_dimension_numbers=RAGGED_DOT_NUMBERS,
+                                         **params)
+
+    dense = product(x, _frozen(weight.w), params)
+    params = _adapter_params(params)
+    xa = product(weight.adapter_input(x), weight.a, params)
+    return weight.add_delta(dense, product(xa, weight.b, params))
 
 
 @quax.register(lax.transpose_p)

@@ -49,6 +49,9 @@ class LoraConfig:
     # "model.layers.0.self_attn.q_proj"), a regex string matched against the whole
     # dotted path, or "all-linear": every linear kernel except the output head.
     target_modules: list[str] | str | None = None
+    # peft's target_parameters: the experts (`mlp.experts.gate_up_proj`, `...down_proj`) and routers
+    # (`mlp.gate.weight`) of a mixture-of-experts model, by name or `.`-suffix; one LoRA per expert.
+    target_parameters: list[str] | None = None
     # Same forms as target_modules; matching modules never get adapters.
     exclude_modules: list[str] | str | None = None
     # Only adapt layers with these indices (the first number in the path, or the one
@@ -157,10 +160,13 @@ def _validate(c: LoraConfig) -> None:
             fail(f"init_lora_weights='orthogonal' needs even ranks (half of Q's rows go to A, half to B); odd: {odd}")
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")
-    if c.target_modules is None:
+    if c.target_parameters is not None and (isinstance(c.target_parameters, str) or not all(
+            isinstance(name, str) for name in c.target_parameters)):
+        fail(f"target_parameters must be a list of parameter names, got {c.target_parameters!r}")
+    if c.target_modules is None and not c.target_parameters:
         fail('target_modules is required: a list of module names, a regex, or "all-linear"')
-    if not isinstance(c.target_modules, str) and (
-        not isinstance(c.target_modules, (list, tuple, set, frozenset)) or not c.target_modules
+    if c.target_modules is not None and not isinstance(c.target_modules, str) and (
+        not isinstance(c.target_modules, (list, tuple, set, frozenset)) or not (c.target_modules or c.target_parameters)
     ):
         fail(f"target_modules must be a non-empty list of names or a regex string, got {c.target_modules!r}")
     if isinstance(c.target_modules, str) and c.layers_to_transform is not None:

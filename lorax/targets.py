@@ -3,7 +3,10 @@
 A parameter tree is addressed like a torch module tree: the leaf
 `params["model"]["layers"][3]["self_attn"]["q_proj"]["kernel"]` belongs to the module
 `model.layers.3.self_attn.q_proj`. A module with a 2-D (or stacked) `kernel` is a linear
-layer; a module with an `embedding` table is an embedding. Those are what LoRA adapts.
+layer; a module with an `embedding` table is an embedding. Those are what LoRA adapts, and, in
+a mixture-of-experts model, the 3-D parameters of each `experts` module (one adapter per expert,
+reached as peft reaches them: `target_parameters`, or its translation of "all-linear" and of the
+old per-expert names; see `_moe_targets`).
 
 >>> import jax.numpy as jnp
 >>> from lorax.config import LoraConfig
@@ -27,6 +30,7 @@ STACK = "*"  # a dict key under which layers are stacked on a leading axis (see 
 LINEAR_LEAF = "kernel"
 EMBEDDING_LEAF = "embedding"
 BIAS_LEAF = "bias"
+EXPERTS = "experts"  # a Target kind: one 3-D parameter of a mixture-of-experts layer's experts
 
 
 def is_value(x: Any) -> bool:
@@ -117,6 +121,14 @@ class Target:
     lora_alpha: float
     stored_path: str = ""
     layer: int | None = None
+    parameter: bool = False  # reached as peft reaches target_parameters (a mixture-of-experts layer's experts, router)
+
+    @property
+    def stored_leaf(self) -> str:
+        """The dotted path of the leaf the adapter goes on (a kernel, a table, or an expert parameter)."""
+        if self.kind == EXPERTS:
+            return self.stored_path
+        return f"{self.stored_path}.{LINEAR_LEAF if self.kind == 'linear' else EMBEDDING_LEAF}"
 
 
 def _matches_names(names: list[str] | str, key: str) -> bool:
@@ -189,12 +201,22 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
     """
     all_modules = modules(params)
     linear = frozenset(path for path, m in all_modules.items() if m.kind == "linear" and path != output_head)
-    _check_experts_untargeted(config, all_modules)
-    _check_every_name_matches(config, all_modules)
+    experts = expert_modules(all_modules)
+    targets, match_modules = [], True
+    if config.target_parameters and not experts:
+        raise TargetError(f"target_parameters={config.target_parameters!r}: lorax adapts parameters only in the "
+                          "experts and routers of mixture-of-experts models, and this model has none; use target_modules")
+    if experts:  # a mixture-of-experts model: peft's names for its experts and routers first
+        remaining, fused, router = _moe_targets(config, all_modules, experts, linear)
+        targets = _parameter_targets(config, all_modules, experts, fused, router)
+        if remaining:
+            config = dataclasses.replace(config, target_modules=remaining)
+        match_modules = bool(remaining) or not targets
+    if match_modules:
+        _check_every_name_matches(config, all_modules)
     saved = saved_module_paths(config, params)
-    targets = []
     for path, module in all_modules.items():
-        if not path or not is_target(config, path, linear):
+        if not path or not match_modules or not is_target(config, path, linear):
             continue
         if any(module.stored_path == p or module.stored_path.startswith(p + ".") for p in saved):
             continue  # trained in full already; an adapter on top would conflict (peft excludes these too)
@@ -218,43 +240,107 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
     return targets
 
 
-# peft (0.21, on transformers 5 mixture-of-experts models) adapts the fused 3-D expert weights through
-# `target_parameters`, and maps the per-expert names of transformers 4 (gate_proj / up_proj / down_proj,
-# Mixtral's w1 / w2 / w3) and "all-linear" onto them; lorax does not adapt expert weights (yet).
-PEFT_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
+# peft (0.21) on transformers 5 mixture-of-experts models, whose experts are fused 3-D parameters
+# and whose router is a bare parameter (no longer Linear layers): it maps the names these had in
+# transformers 4 onto them (peft.utils.transformers_weight_conversion) and adapts them through
+# `target_parameters` (a LoRA per expert). Mixtral's old names are w1/w3/w2, the others' gate_proj/up_proj/down_proj.
+FUSED_EXPERTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
+OLD_EXPERT_NAMES = {old: new for new, groups in FUSED_EXPERTS.items() for group in groups for old in group}
+ROUTER = "gate"
 
 
 def expert_modules(all_modules: dict[str, Module]) -> dict[str, Module]:
-    """A mixture-of-experts layer's experts, by path: modules named `experts` (transformers' name)
-    holding 3-D weights (experts x in x out)."""
-    return {path: module for path, module in all_modules.items() if path.rpartition(".")[2] == "experts"
+    """A mixture-of-experts layer's experts, by (per-layer) path: modules named `experts`
+    (transformers' name) holding 3-D weights (experts x in x out)."""
+    return {path: module for path, module in all_modules.items() if path.rpartition(".")[2] == EXPERTS
             and any(getattr(leaf, "ndim", 0) - (module.layer is not None) == 3 for leaf in module.leaves.values())}
 
 
-def _check_experts_untargeted(config: LoraConfig, all_modules: dict[str, Module]) -> None:
-    """Refuse a config that peft would apply to a mixture-of-experts layer's experts: silently
-    adapting fewer modules than peft would give other counts and another model."""
-    experts = expert_modules(all_modules)
-    if not experts:
-        return
-    targets = config.target_modules
-    names = {n for m in experts.values() for n in m.leaves} | set(PEFT_EXPERT_NAMES)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        reason = '"all-linear"'
-    elif isinstance(targets, str):  # a regex: peft probes the experts' old per-expert names against it
-        hits = [f"{p}.{n}" for p in experts for n in sorted(names) if re.fullmatch(targets, f"{p}.{n}")]
-        reason = f"the regex (it matches {hits[0]!r})" if hits else None
-    else:
-        hits = [name for name in targets if name.rpartition(".")[2] in names]
-        reason = f"the name {hits[0]!r}" if hits else None
-    if reason:
-        raise TargetError(
-            f"target_modules={targets!r}: this model has mixture-of-experts layers "
-            f"({listing(sorted({m.stored_path for m in experts.values()}))}), and peft "
-            f"adapts their expert weights for {reason} (as target_parameters). lorax does not adapt expert weights "
-            "yet; list the linear modules to adapt instead, e.g. the attention projections "
-            "['q_proj', 'k_proj', 'v_proj', 'o_proj'], which peft adapts the same way"
-        )
+def _torch_keys(all_modules: dict[str, Module]) -> list[str]:
+    """Every module path and every parameter as torch names it (`...q_proj.weight`, `...experts.down_proj`)."""
+    torch_leaf = {LINEAR_LEAF: "weight", EMBEDDING_LEAF: "weight"}
+    return [p for p in all_modules if p] + [f"{p}.{torch_leaf.get(leaf, leaf)}" for p, m in all_modules.items()
+                                           for leaf in m.leaves]
+
+
+def _moe_targets(config: LoraConfig, all_modules: dict[str, Module], experts: dict[str, Module],
+                 linear: frozenset[str]) -> tuple[Any, dict[str, bool], bool]:
+    """peft's `_convert_peft_config_moe`: (the target_modules left for modules, {expert parameter:
+    whether it fuses two old modules}, whether the router is targeted). A string target (a regex,
+    "all-linear") becomes the set of last names it reaches first, as peft resolves it."""
+    targets = config.target_modules or []
+    if isinstance(targets, str):
+        if targets.lower() == ALL_LINEAR:
+            resolved = {p.rpartition(".")[2] for p in linear} | set(OLD_EXPERT_NAMES) | {ROUTER}
+        else:
+            resolved = {key.rpartition(".")[2] for key in _torch_keys(all_modules) if re.fullmatch(targets, key)}
+            resolved |= {old for old in OLD_EXPERT_NAMES for p in experts if re.fullmatch(targets, f"{p}.{old}")}
+        # Names that reach no module (a parameter's "weight") change nothing in peft's list either.
+        names = {p.rpartition(".")[2] for p in all_modules if p} | set(OLD_EXPERT_NAMES) | {ROUTER}
+        resolved &= names
+        if not resolved:
+            return targets, {}, False  # matches nothing: the usual error follows
+        targets = sorted(resolved)
+    remaining, chosen, router = [], {}, False
+    for target in targets:
+        old = next((o for o in (*OLD_EXPERT_NAMES, ROUTER) if target == o or target.endswith(f".{o}")), None)
+        if old is None:
+            remaining.append(target)
+        elif old == ROUTER:
+            router = True
+        else:
+            chosen.setdefault(OLD_EXPERT_NAMES[old], set()).add(old)
+    fused = {}
+    for new, olds in chosen.items():
+        group = next(g for g in FUSED_EXPERTS[new] if olds & set(g))
+        if not set(group) <= olds:
+            raise TargetError(f"target_modules names {sorted(olds)} but not {sorted(set(group) - olds)}: in this "
+                              f"mixture-of-experts model they are fused into one parameter per layer, {new!r}, "
+                              "so they are adapted together or not at all (peft refuses this too)")
+        fused[new] = len(group) > 1
+    return remaining, fused, router
+
+
+def _parameter_targets(config: LoraConfig, all_modules: dict[str, Module], experts: dict[str, Module],
+                       fused: dict[str, bool], router: bool) -> list[Target]:
+    """Targets for the experts' parameters and the routers that peft reaches as target_parameters:
+    in every layer (peft applies neither layers_to_transform nor exclude_modules to those), a fused
+    gate_up_proj with twice the rank and alpha (its two old modules' worth), patterns first."""
+    named = config.target_parameters or []
+    used = set()
+
+    def listed(key: str) -> bool:  # peft's target_parameters rule: the key or a `.`-suffix of it
+        hits = {name for name in named if key == name or key.endswith(f".{name}")}
+        used.update(hits)
+        return bool(hits)
+
+    found = []
+    for path, module in experts.items():
+        if f"{path.rpartition('.')[0]}.{ROUTER}" in all_modules:
+            gate = all_modules[f"{path.rpartition('.')[0]}.{ROUTER}"]
+            key = f"{gate.path}.weight"
+            if gate.kind == "linear" and (listed(key) or router):
+                found.append(Target(gate.path, "linear", _pattern_value(config.rank_pattern, key, config.r),
+                                    _pattern_value(config.alpha_pattern, key, config.lora_alpha), gate.stored_path,
+                                    gate.layer, parameter=True))
+        for leaf in module.leaves:
+            key = f"{path}.{leaf}"
+            if leaf in fused or listed(key):
+                times = 2 if fused.get(leaf) else 1
+                found.append(Target(key, EXPERTS, _pattern_value(config.rank_pattern, key, config.r * times),
+                                    _pattern_value(config.alpha_pattern, key, config.lora_alpha * times),
+                                    f"{module.stored_path}.{leaf}", module.layer, parameter=True))
+    if set(named) - used:
+        raise TargetError(f"target_parameters {sorted(set(named) - used)} match no expert parameter or router "
+                          f"weight (lorax adapts those as parameters); these are: "
+                          f"{listing(sorted({k.rpartition('.')[2] for k in _parameter_keys(all_modules, experts)}))}")
+    return found
+
+
+def _parameter_keys(all_modules: dict[str, Module], experts: dict[str, Module]) -> list[str]:
+    keys = [f"{p}.{leaf}" for p, m in experts.items() for leaf in m.leaves]
+    return keys + [f"{p.rpartition('.')[0]}.{ROUTER}.weight" for p in experts
+                   if f"{p.rpartition('.')[0]}.{ROUTER}" in all_modules]
 
 
 def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:

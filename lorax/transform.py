@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from lorax.arrays import DoraArray, LoraArray, TrainableArray, is_adapter
+from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig, is_decomposition
 from lorax.decomposition import decompose_leaf
-from lorax.errors import LoraConfigError, LoraError
+from lorax.errors import LoraConfigError, LoraError, listing
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
-from lorax.targets import BIAS_LEAF, Target, dotted, is_value, modules, saved_module_paths, select_targets
+from lorax.targets import BIAS_LEAF, EXPERTS, Target, dotted, is_value, modules, saved_module_paths, select_targets
 
 
 # The module names for which peft's ensure_weight_tying ties an adapter (or modules_to_save copy)
@@ -91,27 +91,47 @@ def _lora_array(w: jax.Array, targets: list[Target], config: LoraConfig, key: ja
 def _factors(w: jax.Array, targets: list[Target], config: LoraConfig, key: jax.Array, dtype, decomposed: dict,
              **fields) -> LoraArray:
     init = config.init_lora_weights
+    first = targets[0]
+    # A mixture-of-experts parameter (..., experts, in, out) gets one pair of factors per expert.
+    experts = w.shape[-3] if first.kind == EXPERTS else None
 
     def factors(t: Target, shape: tuple, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         if t.layer in decomposed:
             a, b = decomposed[t.layer]
             return a.astype(dtype), b.astype(dtype)
+        if experts:
+            return jax.vmap(lambda k: _init_factors("linear", t.r, shape, init, k, dtype))(jax.random.split(key, experts))
         return _init_factors(t.kind, t.r, shape, init, key, dtype)
 
-    first = targets[0]
+    array = ExpertLoraArray if experts else LoraArray
+    d_in, d_out = w.shape[-2:]
     if first.layer is None:
-        a, b = factors(first, w.shape, key)
-        return LoraArray(w, a, b, scale=config.scale_for(first.r, first.lora_alpha), path=first.path, **fields)
-    layers, d_in, d_out = w.shape
+        a, b = factors(first, (d_in, d_out), key)
+        return array(w, a, b, scale=config.scale_for(first.r, first.lora_alpha), path=first.path, **fields)
+    layers, middle = w.shape[0], w.shape[1:-2]
     rank = max(t.r for t in targets)
-    a, b = jnp.zeros((layers, d_in, rank), dtype), jnp.zeros((layers, rank, d_out), dtype)
+    a, b = jnp.zeros((layers, *middle, d_in, rank), dtype), jnp.zeros((layers, *middle, rank, d_out), dtype)
     scale, ranks = [0.0] * layers, [0] * layers
     for t in targets:
         a_t, b_t = factors(t, (d_in, d_out), jax.random.fold_in(key, t.layer))
-        a, b = a.at[t.layer, :, : t.r].set(a_t), b.at[t.layer, : t.r].set(b_t)
+        a, b = a.at[t.layer, ..., : t.r].set(a_t), b.at[t.layer, ..., : t.r, :].set(b_t)
         scale[t.layer], ranks[t.layer] = config.scale_for(t.r, t.lora_alpha), t.r
-    return LoraArray(w, a, b, scale=jnp.asarray(scale, jnp.float32), path=first.stored_path, ranks=tuple(ranks),
-                     **fields)
+    return array(w, a, b, scale=jnp.asarray(scale, jnp.float32), path=first.stored_path, ranks=tuple(ranks), **fields)
+
+
+def _check_parameter_targets(config: LoraConfig, targets: list[Target]) -> None:
+    """What peft's ParamWrapper (its LoRA on a bare parameter: experts, routers) refuses, refused here too."""
+    reached = [t.path for t in targets if t.parameter]
+    if not reached:
+        return
+    problem = ("use_dora=True" if config.use_dora else f"lora_dropout={config.lora_dropout}" if config.lora_dropout
+               else f"init_lora_weights={config.init_lora_weights!r}" if config.init_lora_weights not in
+               (True, False, "gaussian") else None)
+    if problem:
+        raise LoraConfigError(
+            f"{problem} on the experts and routers of a mixture-of-experts model ({listing(reached, 3)}): peft adapts "
+            "these as target_parameters, which do not support it; target the other modules only (e.g. the "
+            "attention projections by name) or drop the option")
 
 
 def _adapter_dtype(w_dtype, adapter_dtype):
@@ -162,9 +182,10 @@ def lora(
     all_modules = modules(params)
     by_leaf: dict[str, list[Target]] = {}
     for t in targets:
-        by_leaf.setdefault(f"{t.stored_path}.{all_modules[t.path].weight_leaf}", []).append(t)
+        by_leaf.setdefault(t.stored_leaf, []).append(t)
     adapted = {t.stored_path for t in targets}
     _check_lora_only_bias(config, targets, all_modules)
+    _check_parameter_targets(config, targets)
     saved = saved_module_paths(config, params)
     keys = dict(zip(by_leaf, jax.random.split(key, len(by_leaf))))
     quant = _quant_config(quantize)
@@ -221,7 +242,7 @@ def _check_lora_only_bias(config: LoraConfig, targets: list[Target], all_modules
         return
     layers: dict[str, set] = {}
     for t in targets:
-        if t.layer is not None and BIAS_LEAF in all_modules[t.path].leaves:
+        if t.layer is not None and t.kind != EXPERTS and BIAS_LEAF in all_modules[t.path].leaves:
             layers.setdefault(t.stored_path, set()).add(t.layer)
     for stored, chosen in layers.items():
         count = all_modules[next(t.path for t in targets if t.stored_path == stored)].leaves[BIAS_LEAF].shape[0]

@@ -174,17 +174,22 @@ def test_lora_matches_peft(saved, variant, config, tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
-def test_lora_gradients_through_the_experts_equal_torch(saved, variant):
-    """The loss gradient of every adapter equals torch's through peft: the backward pass runs
-    through the routed experts of the layers above (jax.lax.ragged_dot's transpose)."""
+def test_lora_gradients_equal_torch(saved, variant):
+    """The loss gradient of every adapter (attention, routers, each expert's) equals torch's through
+    peft: the backward pass runs through the routed experts (jax.lax.ragged_dot's transpose) and
+    through the experts' own factors (ExpertLoraArray's rule)."""
     model, folder = saved[variant]
     graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
-    config = dict(r=4, target_modules=["q_proj", "v_proj"])
-    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1))
+    config = dict(r=2, target_modules="all-linear")
+    params = lorax.lora(base, lorax.LoraConfig(init_lora_weights=False, **config), key=jax.random.key(1),
+                        output_head="lm_head")
     trainable, frozen = lorax.partition(params)
     peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config))
-    sync_into_peft(params, peft_model)
-    ids, mask = tokens()
+    state = dict(peft_model.named_parameters())
+    with torch.no_grad():  # our factors into peft's model, by the names of the adapter file
+        for name, value in interop.peft.adapter_state(params).items():
+            state[name.replace(".weight", ".default.weight")].copy_(torch.from_numpy(value))
+    ids, _ = tokens()
 
     def loss(trainable):
         logits = lorax.apply(graphdef, lorax.combine(trainable, frozen), jnp.asarray(ids.numpy()[:, :-1]))
@@ -193,16 +198,12 @@ def test_lora_gradients_through_the_experts_equal_torch(saved, variant):
     grads = jax.jit(jax.grad(loss))(trainable)
     logits = peft_model(ids[:, :-1]).logits
     torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
-    torch_grads = {name: p.grad.numpy() for name, p in peft_model.named_parameters() if p.grad is not None}
-    adapters = [leaf for leaf in jax.tree_util.tree_leaves(grads, is_leaf=lorax.is_adapter) if isinstance(leaf, lorax.LoraArray)]
-    assert adapters and len(torch_grads) == 2 * 2 * SMALL["num_hidden_layers"]
-    for leaf in adapters:
-        for layer in range(SMALL["num_hidden_layers"]):
-            prefix = f"base_model.model.{leaf.path.replace('*', str(layer))}"
-            np.testing.assert_allclose(np.asarray(leaf.a[layer]).T, torch_grads[f"{prefix}.lora_A.default.weight"],
-                                       atol=1e-5, rtol=1e-3)
-            np.testing.assert_allclose(np.asarray(leaf.b[layer]).T, torch_grads[f"{prefix}.lora_B.default.weight"],
-                                       atol=1e-5, rtol=1e-3)
+    ours = interop.peft.adapter_state(lorax.combine(grads, frozen))
+    assert any(".experts.base_layer.lora_A" in name for name in ours)
+    assert len(ours) == len([p for p in state.values() if p.grad is not None])
+    for name, value in ours.items():
+        np.testing.assert_allclose(value, state[name.replace(".weight", ".default.weight")].grad.numpy(),
+                                   atol=1e-5, rtol=1e-3, err_msg=name)
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
@@ -225,31 +226,77 @@ def test_merged_export_loads_in_transformers(saved, variant, tmp_path):
     np.testing.assert_allclose(theirs[real], logits_of(graphdef, merged, ids, mask)[real], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant,targets", [
-    ("mixtral", "all-linear"), ("qwen3-moe", "all-linear"), ("qwen3-moe", ["q_proj", "down_proj"]),
-    ("mixtral", ["v_proj", "w1", "w3"]), ("qwen3-moe", r".*\.(q_proj|up_proj|gate_proj)")])
-def test_targets_that_peft_applies_to_the_experts_are_refused(saved, variant, targets):
-    """peft turns these into LoRA on every expert (target_parameters); we do not adapt experts, so
-    adapting only the rest would give other counts and another model than peft's: refused."""
+EXPERT_CASES = [
+    ("mixtral", dict(r=2, target_modules="all-linear")),  # + the router and every expert (gate_up_proj at rank 4)
+    ("qwen3-moe", dict(r=2, target_modules="all-linear", use_rslora=True)),
+    # old per-expert names: gate_proj + up_proj -> gate_up_proj; layers_to_transform applies to q_proj only
+    ("qwen3-moe", dict(r=3, target_modules=["q_proj", "gate_proj", "up_proj"], layers_to_transform=[1])),
+    ("mixtral", dict(r=2, target_modules=["w2", "gate"], rank_pattern={"down_proj": 3})),  # down_proj and the router
+    ("qwen3-moe-normed", dict(r=2, target_modules=r".*\.(v_proj|down_proj)")),  # a regex, resolved to names as peft does
+    ("qwen3-moe", dict(r=2, target_modules=["o_proj"], target_parameters=["mlp.experts.gate_up_proj", "gate.weight"])),
+]
+
+
+@pytest.mark.parametrize("variant,config", EXPERT_CASES, ids=str)
+def test_lora_on_the_experts_matches_peft(saved, variant, config, tmp_path):
+    """LoRA per expert and on the router, as peft's target_parameters (and its translation of
+    "all-linear" and the transformers 4 names): peft's counts; our adapter file in PeftModel gives
+    our logits; peft's file in ours gives peft's; merges agree."""
     model, folder = saved[variant]
-    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(r=2, target_modules=targets))
-    assert peft_model.peft_config["default"].target_parameters  # what peft does with them
-    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
-    with pytest.raises(lorax.TargetError, match="mixture-of-experts.*'q_proj', 'k_proj'"):
-        lorax.lora(base, lorax.LoraConfig(r=2, target_modules=targets), key=jax.random.key(0))
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    params = lorax.lora(base, lora_config, key=jax.random.key(1), output_head="lm_head")
+    assert any(isinstance(leaf, lorax.ExpertLoraArray)
+               for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter))
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config)).eval()
+    assert lorax_line(params) == peft_line(peft_model)
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    ours = logits_of(graphdef, params, ids, mask)
+    assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
+
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
+        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4, rtol=1e-4)
+        theirs_merged = loaded.merge_and_unload()(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, lorax.merge(params), ids, mask)[real], theirs_merged[real],
+                               atol=1e-4, rtol=1e-4)
+
+    peft_model.save_pretrained(tmp_path / "theirs")
+    back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
+    with torch.no_grad():
+        theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 
-def test_peft_adapter_on_the_experts_is_refused_by_name(saved, tmp_path):
-    _, folder = saved["mixtral"]
-    peft.get_peft_model(hf_model("mixtral"), peft.LoraConfig(r=2, target_modules="all-linear")).save_pretrained(tmp_path)
-    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
-    with pytest.raises(lorax.LoraError, match="target_parameters=.*gate_up_proj.*not support"):
-        interop.load_adapter(tmp_path, base)
+@pytest.mark.parametrize("config,error,match", [
+    (dict(target_modules=["q_proj", "gate_proj"]), lorax.TargetError, "fused into one parameter per layer, 'gate_up_proj'"),
+    (dict(target_modules="all-linear", lora_dropout=0.1), lorax.LoraConfigError, "lora_dropout=0.1 on the experts"),
+    (dict(target_modules=["down_proj"], use_dora=True), lorax.LoraConfigError, "use_dora=True on the experts"),
+])
+def test_what_peft_refuses_on_the_experts_is_refused(saved, config, error, match):
+    """peft raises on these too (fused modules half-targeted; ParamWrapper without dropout or DoRA)."""
+    with pytest.raises((ValueError, KeyError)):
+        peft.get_peft_model(hf_model("qwen3-moe"), peft.LoraConfig(**config))
+    _, base = lorax.split(interop.from_pretrained(saved["qwen3-moe"][1], progress=False))
+    with pytest.raises(error, match=match):
+        lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
 
 
-def test_router_and_experts_are_not_lora_targets(saved):
-    _, folder = saved["qwen3-moe"]
-    _, base = lorax.split(interop.from_pretrained(folder, progress=False))
-    for name in ("experts", "gate"):
-        with pytest.raises(lorax.TargetError, match="cannot adapt"):
-            lorax.lora(base, lorax.LoraConfig(r=2, target_modules=[name]), key=jax.random.key(0))
+def test_a_target_parameter_that_matches_nothing_is_an_error(saved):
+    """peft only warns (and adapts the rest); a misspelt name is an error here, listing the names."""
+    config = dict(target_modules=["q_proj"], target_parameters=["experts.up_proj"])
+    with pytest.warns(RuntimeWarning, match="no parameter was matched"):
+        peft.get_peft_model(hf_model("qwen3-moe"), peft.LoraConfig(**config))
+    _, base = lorax.split(interop.from_pretrained(saved["qwen3-moe"][1], progress=False))
+    with pytest.raises(lorax.TargetError, match=r"\['experts.up_proj'\] match no expert parameter.*down_proj, gate_up_proj"):
+        lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+
+
+def test_experts_container_is_not_a_module_target(saved):
+    """`experts` holds parameters, not a linear layer: as a target_modules name it is refused (peft
+    refuses the module too); its parameters are named with target_parameters."""
+    _, base = lorax.split(interop.from_pretrained(saved["qwen3-moe"][1], progress=False))
+    with pytest.raises(lorax.TargetError, match="cannot adapt"):
+        lorax.lora(base, lorax.LoraConfig(r=2, target_modules=["experts"]), key=jax.random.key(0))

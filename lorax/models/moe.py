@@ -1,14 +1,13 @@
 """Mixture-of-experts MLP (Mixtral, Qwen3-MoE): a router picks `top_k` experts per token, each a
 SwiGLU MLP, and their outputs are summed with the router's weights.
 
-Parameter names are transformers 5's modules: `mlp.gate.weight` (the router, (experts, hidden)
-as torch stores it: it is not a Linear layer in transformers, so peft's "all-linear" leaves it
-alone, and so does `lorax`), `mlp.experts.gate_up_proj` and `mlp.experts.down_proj` (every
-expert's projections fused into one 3-D parameter, gate then up on the output axis). Like all
-our kernels the expert weights are (in, out): (experts, hidden, 2·intermediate) and
-(experts, intermediate, hidden), transformers' per-expert matrices transposed. They are not
-2-D kernels, so LoRA's `target_modules` does not adapt them (as in peft, where they are
-`nn.Parameter`s reached only by `target_parameters`); they stay frozen.
+Parameter names are transformers 5's modules: `mlp.gate` (the router, a linear layer with
+kernel (hidden, experts); transformers holds it as a bare parameter `mlp.gate.weight`, which peft
+adapts the same way), `mlp.experts.gate_up_proj` and `mlp.experts.down_proj` (every expert's
+projections fused into one 3-D parameter, gate then up on the output axis). Like all our kernels
+the expert weights are (in, out): (experts, hidden, 2·intermediate) and (experts, intermediate,
+hidden), transformers' per-expert matrices transposed. LoRA adapts them per expert
+(`lorax.ExpertLoraArray`, peft's `target_parameters`).
 
 The tokens are sorted by expert and each expert's group multiplied at once with
 `jax.lax.ragged_dot` (grouped matmuls: native on GPU and TPU; XLA:CPU computes it densely, once
@@ -18,8 +17,8 @@ per expert, which is fine for tests but not for training large MoE models on a C
 ...                        act="silu", dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
 >>> block(jnp.ones((2, 3, 8))).shape
 (2, 3, 8)
->>> block.experts.gate_up_proj.shape, block.gate.weight.shape
-((4, 8, 8), (4, 8))
+>>> block.experts.gate_up_proj.shape, block.gate.kernel.shape
+((4, 8, 8), (8, 4))
 """
 
 import jax
@@ -29,24 +28,15 @@ from flax import nnx
 from lorax.models.layers import activation
 
 
-class TopKRouter(nnx.Module):
-    """Router logits `h @ weightᵀ`, softmax in fp32, the `top_k` largest probabilities and their
-    experts; with `norm_topk_prob` the chosen probabilities are rescaled to sum to one (Mixtral
-    always, Qwen3-MoE as its config says)."""
-
-    def __init__(self, hidden: int, num_experts: int, top_k: int, norm_topk_prob: bool, param_dtype, rngs: nnx.Rngs):
-        self.weight = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (num_experts, hidden), param_dtype))
-        self.top_k = top_k
-        self.norm_topk_prob = norm_topk_prob
-
-    def __call__(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """h (tokens, hidden) -> (weights (tokens, top_k) fp32, experts (tokens, top_k) int32)."""
-        logits = h @ self.weight.get_value().astype(h.dtype).T
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights, experts = jax.lax.top_k(probs, self.top_k)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdims=True)
-        return weights, experts
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """Router logits (tokens, experts) -> (weights (tokens, top_k) fp32, experts (tokens, top_k)):
+    softmax in fp32, the `top_k` largest probabilities; with `norm_topk_prob` rescaled to sum to
+    one (Mixtral always, Qwen3-MoE as its config says)."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights, experts
 
 
 class Experts(nnx.Module):
@@ -75,14 +65,14 @@ class SparseMoeBlock(nnx.Module):
 
     def __init__(self, *, hidden: int, intermediate: int, num_experts: int, top_k: int, norm_topk_prob: bool,
                  act: str, dtype, param_dtype, rngs: nnx.Rngs):
-        self.gate = TopKRouter(hidden, num_experts, top_k, norm_topk_prob, param_dtype, rngs)
+        self.gate = nnx.Linear(hidden, num_experts, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.experts = Experts(hidden, intermediate, num_experts, act, dtype, param_dtype, rngs)
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
 
     def __call__(self, h: jax.Array) -> jax.Array:
         shape = h.shape
         h = h.reshape(-1, shape[-1])
-        weights, experts = self.gate(h)
+        weights, experts = route(self.gate(h), self.top_k, self.norm_topk_prob)
         # Every (token, choice) pair becomes a row; rows sorted by expert form one group per expert.
         chosen = experts.reshape(-1)
         order = jnp.argsort(chosen, stable=True)

@@ -48,14 +48,19 @@ def inspect(args) -> None:
     import jax
 
     import lorax
-    from lorax.targets import modules
+    from lorax.targets import EXPERTS, expert_modules, modules
 
     model, _, params = _load(args.model)
     print(f"{type(model).__name__} from {args.model}")
-    for path, module in modules(params).items():
+    all_modules = modules(params)
+    experts = expert_modules(all_modules)
+    for path, module in all_modules.items():
         if module.kind:
             shape = module.leaves[module.weight_leaf].shape[-2:]
             print(f"  {path:<48} {module.kind:<9} {shape}")
+        elif path in experts:  # a mixture-of-experts layer's parameters (experts, in, out), peft's target_parameters
+            for leaf, value in module.leaves.items():
+                print(f"  {path + '.' + leaf:<48} {EXPERTS:<9} {value.shape[-3:]}")
     print(f"parameters: {sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)):,d}")
     if args.target_modules:
         head = getattr(model, "output_head", None)

@@ -333,14 +333,8 @@ def _parameter_targets(config: LoraConfig, all_modules: dict[str, Module], exper
     if set(named) - used:
         raise TargetError(f"target_parameters {sorted(set(named) - used)} match no expert parameter or router "
                           f"weight (lorax adapts those as parameters); these are: "
-                          f"{listing(sorted({k.rpartition('.')[2] for k in _parameter_keys(all_modules, experts)}))}")
+                          f"{listing(sorted({leaf for m in experts.values() for leaf in m.leaves} | {ROUTER + '.weight'}))}")
     return found
-
-
-def _parameter_keys(all_modules: dict[str, Module], experts: dict[str, Module]) -> list[str]:
-    keys = [f"{p}.{leaf}" for p, m in experts.items() for leaf in m.leaves]
-    return keys + [f"{p.rpartition('.')[0]}.{ROUTER}.weight" for p in experts
-                   if f"{p.rpartition('.')[0]}.{ROUTER}" in all_modules]
 
 
 def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:

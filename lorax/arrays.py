@@ -33,6 +33,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from lorax.errors import UnsupportedOpError
+from lorax.ragged import RAGGED_DOT_NUMBERS, ragged_dot_general_p
 
 
 class LoraArray(quax.ArrayValue):
@@ -410,18 +411,6 @@ def _lora_rows(table: LoraArray, indices, numbers, slice_sizes, params: dict) ->
     return table.add_delta(rows, delta)
 
 
-def _ragged_dot_equation():
-    """jax.lax.ragged_dot's primitive and its dimension numbers, read from its jaxpr: JAX does not
-    export the primitive (jax.lax has the function, jax.extend not the primitive), and a quax rule
-    is registered on the primitive."""
-    jaxpr = jax.make_jaxpr(lax.ragged_dot)(jnp.zeros((2, 2)), jnp.zeros((1, 2, 2)), jnp.array([2], jnp.int32))
-    (equation,) = jaxpr.eqns
-    return equation.primitive, equation.params["ragged_dot_dimension_numbers"]
-
-
-ragged_dot_general_p, RAGGED_DOT_NUMBERS = _ragged_dot_equation()
-
-
 @quax.register(ragged_dot_general_p)
 def _ragged_dot(x: jax.Array | quax.ArrayValue, weight: ExpertLoraArray, group_sizes: jax.Array, *,
                 ragged_dot_dimension_numbers, **params):
@@ -436,7 +425,8 @@ def _ragged_dot(x: jax.Array | quax.ArrayValue, weight: ExpertLoraArray, group_s
         return ragged_dot_general_p.bind(lhs, rhs, group_sizes, ragged_dot_dimension_numbers=RAGGED_DOT_NUMBERS,
                                          **params)
 
-    dense = product(x, _frozen(weight.w), params)
+    # quaxify: an implicit base (the experts stored in NF4: QLoRA) answers with its own rule.
+    dense = quax.quaxify(product)(x, _frozen(weight.w), params)
     params = _adapter_params(params)
     xa = product(weight.adapter_input(x), weight.a, params)
     return weight.add_delta(dense, product(xa, weight.b, params))

@@ -51,6 +51,7 @@ from jax import lax
 from jaxtyping import ArrayLike
 
 from lorax.errors import LoraError, UnsupportedOpError
+from lorax.ragged import ragged_dot_general_p
 
 
 class QuantizationError(LoraError, ValueError):
@@ -446,31 +447,34 @@ class Nf4Array(quax.ArrayValue):
         )
 
 
-def _frozen_product(x: jax.Array, weight: "Nf4Array", product) -> jax.Array:
-    """`product(x, dequantize(weight))` for a frozen 4-bit weight, with a backward pass that
+def _frozen_product(x: jax.Array, weight: "Nf4Array", product, *extra) -> jax.Array:
+    """`product(x, dequantize(weight), *extra)` for a frozen 4-bit weight, with a backward pass that
     dequantizes the weight again rather than keeping the dense copy from the forward pass.
 
     The dense weight is 8 times the 4-bit bytes in fp32; kept as a residual it would live from
     the forward pass to the backward pass, for every quantized matrix of the model. Here the
     residual is the quantized weight itself (held anyway), and the backward pass computes the
-    cotangent of x only: the weight is frozen. x is not kept either.
+    cotangent of x only: the weight is frozen. x is not kept either. `extra`: further arrays
+    without a gradient (ragged_dot's group sizes), passed as arguments (custom_vjp must not close
+    over traced values).
     """
     x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
 
     @jax.custom_vjp
-    def frozen_product(x, weight):
-        return product(x, weight.materialise())
+    def frozen_product(x, weight, *extra):
+        return product(x, weight.materialise(), *extra)
 
-    def forward(x, weight):
-        return product(x, weight.materialise()), weight
+    def forward(x, weight, *extra):
+        return product(x, weight.materialise(), *extra), (weight, extra)
 
-    def backward(weight, cotangent):
+    def backward(residuals, cotangent):
+        weight, extra = residuals
         dense = weight.materialise()
-        (x_cotangent,) = jax.linear_transpose(lambda x: product(x, dense), x_shape)(cotangent)
-        return x_cotangent, None  # None: no cotangent for the frozen weight
+        (x_cotangent,) = jax.linear_transpose(lambda x: product(x, dense, *extra), x_shape)(cotangent)
+        return (x_cotangent, None, *[None] * len(extra))  # None: no cotangent for the frozen weight
 
     frozen_product.defvjp(forward, backward)
-    return frozen_product(x, weight)
+    return frozen_product(x, weight, *extra)
 
 
 # A weight whose dense form has more elements than this is multiplied a block of output features
@@ -560,6 +564,14 @@ def _dot_general_rhs(x: ArrayLike, weight: Nf4Array, *, dimension_numbers, **par
 def _dot_general_lhs(weight: Nf4Array, x: ArrayLike, *, dimension_numbers, **params):
     """W·x, the mirror image."""
     return _frozen_product(x, weight, lambda x, w: lax.dot_general(w, x, dimension_numbers, **params))
+
+
+@quax.register(ragged_dot_general_p)
+def _ragged_dot(x: ArrayLike, weight: Nf4Array, group_sizes: ArrayLike, **params):
+    """Rows grouped by expert times each expert's W (a mixture-of-experts layer's experts, stored
+    (experts, in, out)): W dequantized inside the computation, no gradient to it."""
+    return _frozen_product(x, weight, lambda x, w, sizes: ragged_dot_general_p.bind(x, w, sizes, **params),
+                           jnp.asarray(group_sizes))
 
 
 @quax.register(lax.convert_element_type_p)

@@ -162,7 +162,8 @@ def lora(
         allow_materialize: let operations without a factored rule form W + s·A·B.
         quantize: QLoRA: "nf4" or "fp4" (blocksize 64, no double quantization), or a
             `lorax.nf4.QuantConfig`, stores the frozen base of every adapted linear kernel in 4
-            bits (an `Nf4Array`, quantized as torch's (out, in) weight, as bitsandbytes does).
+            bits (an `Nf4Array`, quantized as torch's (out, in) weight, as bitsandbytes does), and
+            of every adapted mixture-of-experts parameter (each expert's matrix quantized alike).
             Embeddings, norms, the `output_head` and untargeted weights keep their dtype. The
             4-bit codes are integers: differentiate the trainable half of `lorax.partition`.
 
@@ -206,7 +207,7 @@ def lora(
             if decomposing and group[0].kind == "linear":
                 # Before quantizing: the residual is what gets stored in 4 bits (QPiSSA).
                 base, decomposed = decompose_leaf(leaf, group, config, keys[path], bar)
-            if quant is not None and group[0].kind == "linear" and module_path != output_head \
+            if quant is not None and group[0].kind in ("linear", EXPERTS) and module_path != output_head \
                     and not isinstance(leaf, Nf4Array):  # a pre-quantized base stays as it was
                 base = quant.quantize_kernel(base)
             return _lora_array(

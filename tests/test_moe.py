@@ -2,6 +2,7 @@
 folders: logits, generation, gradients, LoRA counts and PeftModel outputs, merged export, all
 against the real libraries."""
 
+import bitsandbytes.functional as F
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -292,6 +293,50 @@ def test_a_target_parameter_that_matches_nothing_is_an_error(saved):
     _, base = lorax.split(interop.from_pretrained(saved["qwen3-moe"][1], progress=False))
     with pytest.raises(lorax.TargetError, match=r"\['experts.up_proj'\] match no expert parameter.*down_proj, gate.weight, gate_up_proj"):
         lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+
+
+def test_qlora_stores_each_expert_as_bitsandbytes_would(saved, tmp_path):
+    """quantize= on the experts: each expert's matrix is bitsandbytes' NF4 of torch's (out, in)
+    weight, byte for byte (transformers + bitsandbytes leave the 3-D experts unquantized, so the
+    reference is bnb's quantize_4bit per expert); the logits are PeftModel's with our adapter on
+    the bnb-dequantized weights; and the step differentiates through the 4-bit experts."""
+    model, folder = saved["mixtral"]
+    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    config = lorax.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+    params = lorax.lora(base, config, key=jax.random.key(1), output_head="lm_head",
+                        quantize=lorax.QuantConfig("nf4", double_quant=True))
+    experts = params["model"]["layers"]["*"]["mlp"]["experts"]["gate_up_proj"].w
+    assert isinstance(experts, lorax.Nf4Array) and experts.shape == (3, 4, 32, 96)
+
+    def bnb(weight):
+        return F.quantize_4bit(weight.contiguous(), blocksize=64, quant_type="nf4", compress_statistics=True)
+
+    packed, state = bnb(model.model.layers[1].mlp.experts.gate_up_proj.detach()[2])
+    np.testing.assert_array_equal(np.asarray(experts.packed[1, 2]), packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(np.asarray(experts.absmax[1, 2]), state.absmax.numpy())
+
+    interop.save_adapter(tmp_path, params, config)
+    torch_model = hf_model("mixtral")
+    with torch.no_grad():  # the quantized bases, as bitsandbytes dequantizes them
+        for name, weight in torch_model.named_parameters():
+            if weight.ndim >= 2 and any(part in name for part in ("self_attn", "experts", "mlp.gate")):
+                for matrix in weight.data if weight.ndim == 3 else weight.data[None]:
+                    matrix.copy_(F.dequantize_4bit(*bnb(matrix)))
+        theirs = peft.PeftModel.from_pretrained(torch_model, tmp_path).eval()
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        np.testing.assert_allclose(logits_of(graphdef, params, ids, mask)[real],
+                                   theirs(ids, attention_mask=mask).logits.numpy()[real], atol=1e-4, rtol=1e-4)
+    trainable, frozen = lorax.partition(params)
+
+    def loss(trainable):
+        logits = lorax.apply(graphdef, lorax.combine(trainable, frozen), jnp.asarray(ids.numpy()[:, :-1]))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(ids.numpy()[:, 1:])).mean()
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    expert_grad = grads["model"]["layers"]["*"]["mlp"]["experts"]["gate_up_proj"]
+    assert np.isfinite(np.asarray(expert_grad.a)).all() and np.abs(np.asarray(expert_grad.a)).max() > 0
 
 
 def test_experts_container_is_not_a_module_target(saved):

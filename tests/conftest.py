@@ -144,6 +144,31 @@ def perturb_norms(model):
     return model
 
 
+def save_each(tmp_path_factory, variants, hf_model) -> dict:
+    """variant -> (torch model from `hf_model(variant)`, the folder transformers saved it to as safetensors)."""
+    out = {}
+    for variant in variants:
+        model = hf_model(variant)
+        folder = tmp_path_factory.mktemp(variant)
+        model.save_pretrained(folder)
+        out[variant] = (model, folder)
+    return out
+
+
+def padded_tokens(vocab_size: int, batch=2, length=9, seed=0):
+    """Random token ids (torch) and an attention mask whose first row is left-padded by 3."""
+    ids = torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding on the first row
+    return ids, mask
+
+
+def logits_of(graphdef, params, ids, mask=None):
+    """Our jitted logits for torch ids (and mask), as numpy."""
+    args = (jnp.asarray(ids.numpy()),) + (() if mask is None else (jnp.asarray(mask.numpy()),))
+    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
+
+
 def peft_model_for(torch_model, **config):
     return peft.get_peft_model(copy.deepcopy(torch_model), peft.LoraConfig(**config))
 

@@ -2,6 +2,7 @@
 transformers' own save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs
 all equal the real libraries'."""
 
+import functools
 import json
 import re
 
@@ -15,7 +16,8 @@ import transformers
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, perturb_norms, perturb_trained_leaves, sync_into_peft
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms, perturb_trained_leaves,
+                      save_each, sync_into_peft)
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
 
@@ -69,25 +71,10 @@ def hf_model(variant, **changes):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """variant -> (torch model, folder saved as safetensors)."""
-    out = {}
-    for variant in VARIANTS:
-        model = hf_model(variant)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (model, folder)
-    return out
+    return save_each(tmp_path_factory, VARIANTS, hf_model)
 
 
-def tokens(batch=2, length=9, seed=0):
-    ids = torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding on the first row
-    return ids, mask
-
-
-def logits_of(graphdef, params, ids, mask=None):
-    args = (jnp.asarray(ids.numpy()),) + (() if mask is None else (jnp.asarray(mask.numpy()),))
-    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
+tokens = functools.partial(padded_tokens, SMALL["vocab_size"])
 
 
 @pytest.mark.parametrize("variant,save", CASES)

@@ -2,6 +2,8 @@
 folders: logits, generation, gradients, LoRA counts and PeftModel outputs, merged export, all
 against the real libraries."""
 
+import functools
+
 import bitsandbytes.functional as F
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,8 @@ import transformers
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, perturb_norms, sync_into_peft
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms, save_each,
+                      sync_into_peft)
 from interop.checkpoint import read_tensors
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
@@ -50,25 +53,10 @@ def hf_model(variant, **changes):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """variant -> (torch model, folder saved as safetensors)."""
-    out = {}
-    for variant in VARIANTS:
-        model = hf_model(variant)
-        folder = tmp_path_factory.mktemp(variant)
-        model.save_pretrained(folder)
-        out[variant] = (model, folder)
-    return out
+    return save_each(tmp_path_factory, VARIANTS, hf_model)
 
 
-def tokens(batch=2, length=9, seed=0):
-    ids = torch.randint(0, SMALL["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding on the first row
-    return ids, mask
-
-
-def logits_of(graphdef, params, ids, mask=None):
-    args = (jnp.asarray(ids.numpy()),) + (() if mask is None else (jnp.asarray(mask.numpy()),))
-    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(params, *args))
+tokens = functools.partial(padded_tokens, SMALL["vocab_size"])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -3,6 +3,7 @@ up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2, Ministral 3): log
 transformers' full model on text, adapters go both ways with peft on the full model, and the
 merged model saves as the causal LM transformers loads."""
 
+import functools
 import json
 import re
 
@@ -17,7 +18,8 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, perturb_norms, perturb_trained_leaves, sync_into_peft
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, perturb_norms, perturb_trained_leaves,
+                      sync_into_peft)
 from interop.hf import ARCHITECTURES, model_config
 from lorax.models import LlamaConfig
 
@@ -86,16 +88,7 @@ def load(folder):
         return lorax.split(interop.from_pretrained(folder, progress=False))
 
 
-def tokens(batch=2, length=9, seed=0):
-    ids = torch.randint(0, GEMMA3["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding on the first row
-    return ids, mask
-
-
-def logits_of(graphdef, params, ids, mask):
-    return np.asarray(jax.jit(lambda p, *a: lorax.apply(graphdef, p, *a))(
-        params, jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+tokens = functools.partial(padded_tokens, GEMMA3["vocab_size"])
 
 
 def torch_logits(model, ids, mask):

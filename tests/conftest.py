@@ -7,6 +7,7 @@ weights, peft adapts the torch one, lorax the tree, and the two must agree.
 import contextlib
 import copy
 import io
+import warnings
 
 import equinox as eqx
 import jax
@@ -19,6 +20,47 @@ import torch
 from torch import nn
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+
+def use_bitsandbytes_reference_paths_on_this_cpu():
+    """Our references are bitsandbytes' bytes and its dequantize-then-matmul forward, as it computes
+    them on GPUs and on most CPUs. On CPUs with AVX-512, bitsandbytes 0.50's native CPU kernels
+    depart from that in two ways, so the tests steer it back to its own reference code there:
+
+    - with AVX512-BF16, Linear4bit's first inference forward repacks the weight into a CPU-only
+      layout (absmax rounded to bf16) and computes in bf16 whatever compute_dtype says
+      (bitsandbytes/nn/modules.py, Linear4bit.forward): turned off.
+    - the AVX-512 branch of the native 4-bit dequantize is wrong when a row is not a whole number
+      of blocks (a 32x48 weight in blocks of 64 comes back off by up to 1.0; the scalar branch and
+      CUDA agree with the format): where it disagrees with bitsandbytes' own pure-torch
+      `_dequantize_4bit_compute` (its default backend, and the CPU backend's fallback), the CPU op
+      is that function.
+    """
+    import bitsandbytes.functional as F
+    import bitsandbytes.nn.modules
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    bitsandbytes.nn.modules.has_avx512bf16 = lambda: False
+    reference = _dequantize_4bit_compute.__wrapped__  # without its torch.compile: one compile per shape
+
+    def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+        return reference(A.view(torch.uint8).reshape(-1), absmax, _get_4bit_code(quant_type, A.device), blocksize,
+                         shape, dtype)
+
+    weight = torch.randn(32, 48)
+    packed, state = F.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    if not torch.equal(F.dequantize_4bit(packed, state), dequantize_4bit(packed, state.absmax, 64, "nf4", weight.shape,
+                                                                         torch.float32)):
+        with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", dequantize_4bit)
+        assert torch.equal(F.dequantize_4bit(packed, state), dequantize_4bit(packed, state.absmax, 64, "nf4",
+                                                                             weight.shape, torch.float32))
+
+
+use_bitsandbytes_reference_paths_on_this_cpu()
 
 
 class TorchMLP(nn.Module):

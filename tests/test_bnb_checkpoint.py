@@ -181,8 +181,11 @@ def test_requantizing_merge_equals_peft(quantized, quantization):
         for i in range(SMALL["num_hidden_layers"]):
             weight = getattr(theirs.model.layers[i].self_attn, name).weight
             np.testing.assert_array_equal(np.asarray(layer(kernel, i).packed), weight.data.numpy().reshape(-1))
-            np.testing.assert_array_equal(np.asarray(nf4.dequantize(layer(kernel, i))),
-                                          F.dequantize_4bit(weight.data, weight.quant_state).numpy().T)
+            # The bytes agree; the absmax can differ in the last bit: each side's BLAS sums B @ A
+            # (the delta) in its own order (seen with torch's AVX-512 kernels), and absmax is a
+            # max of the sums.
+            np.testing.assert_allclose(np.asarray(nf4.dequantize(layer(kernel, i))),
+                                       F.dequantize_4bit(weight.data, weight.quant_state).numpy().T, rtol=1e-6, atol=0)
     ids = tokens()
     with torch.no_grad():
         np.testing.assert_allclose(logits_of(graphdef, merged, ids), theirs(ids).logits.numpy(), atol=1e-4, rtol=1e-4)

@@ -191,8 +191,11 @@ def test_lora_gradients_equal_torch(saved, variant):
     assert any(".experts.base_layer.lora_A" in name for name in ours)
     assert len(ours) == len([p for p in state.values() if p.grad is not None])
     for name, value in ours.items():
-        np.testing.assert_allclose(value, state[name.replace(".weight", ".default.weight")].grad.numpy(),
-                                   atol=1e-5, rtol=1e-3, err_msg=name)
+        theirs = state[name.replace(".weight", ".default.weight")].grad.numpy()
+        # Relative to the tensor's largest gradient: fp32 sums in each side's order differ by up to
+        # ~2e-4 of it (Qwen3-MoE's q/k norms amplify them; seen with torch's AVX-512 kernels); a
+        # wrong rule would be off by the gradient itself.
+        np.testing.assert_allclose(value, theirs, atol=1e-3 * np.abs(theirs).max(), rtol=1e-3, err_msg=name)
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])

@@ -81,7 +81,10 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
             Linear weight (out, in) that is to serve as a lorax kernel (in, out).
 
     Returns:
-        The `Nf4Array`; `lorax.nf4.dequantize` of it equals bnb's `dequantize_4bit`.
+        The `Nf4Array`; `lorax.nf4.dequantize` of it equals bnb's `dequantize_4bit`. A weight that
+        bitsandbytes repacked for its AVX512-BF16 CPU kernel (`quant_state.packing_format_for_cpu`,
+        after an eval-mode forward pass on such a CPU) is read back into bitsandbytes' usual
+        layout, with the bfloat16 absmax that the layer now computes with.
 
     Example:
         >>> interop.bnb.from_bnb(*interop.bnb.to_bnb(q)).packed.shape == q.packed.shape   # the same q
@@ -100,7 +103,7 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
         raise QuantizationError(f"quant_type {state.quant_type!r} is not supported; lorax reads {QUANT_TYPES}")
     if state.blocksize not in BLOCKSIZES:
         raise QuantizationError(f"blocksize {state.blocksize} is not one of bitsandbytes' {BLOCKSIZES}")
-    dtype = str(state.dtype).removeprefix("torch.")
+    dtype = str(getattr(state, "original_dtype", state.dtype)).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise QuantizationError(f"QuantState.dtype {state.dtype} is not supported; lorax reads {_DTYPES}")
     if state.code is not None and not np.array_equal(state.code.float().cpu().numpy(), CODEBOOKS[state.quant_type]):
@@ -110,6 +113,11 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
     if data.size != -(-math.prod(shape) // 2):
         raise QuantizationError(f"{data.size} packed bytes cannot hold a 4-bit tensor of shape {shape} "
                                 f"({-(-math.prod(shape) // 2)} bytes)")
+    if getattr(state, "packing_format_for_cpu", False):
+        data, absmax = _unpack_cpu_format(data, state)
+        return Nf4Array(jnp.asarray(data), jnp.asarray(absmax), None, None, quant_shape=shape,
+                        quant_dtype=jnp.dtype(str(state.original_dtype).removeprefix("torch.")),
+                        blocksize=state.blocksize, quant_type=state.quant_type, transposed=transposed)
     absmax = state.absmax.detach().cpu().numpy()
     nested_absmax = offset = None
     if state.nested:
@@ -122,3 +130,25 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
     return Nf4Array(jnp.asarray(data), jnp.asarray(absmax), nested_absmax, offset, quant_shape=shape,
                     quant_dtype=jnp.dtype(dtype), blocksize=state.blocksize, quant_type=state.quant_type,
                     transposed=transposed)
+
+
+def _unpack_cpu_format(data, state):
+    """bitsandbytes' own layout back from the one its AVX512-BF16 CPU kernel repacks a weight into.
+
+    On such a CPU, a `Linear4bit` in eval mode rewrites its weight at the first forward pass
+    without grad (`bitsandbytes.functional._convert_weight_packed_for_cpu`): the 4-bit codes are
+    reordered in tiles of 32 output rows, and the absmax (first dequantized, when they were double
+    quantized) are stored as a transposed bfloat16 matrix. The reordering is undone here exactly;
+    the absmax stay what the layer now computes with (their bfloat16 values, single quantized).
+    """
+    rows, columns = state.shape
+    tile = 32  # bitsandbytes' block_n
+    if len(state.shape) != 2 or rows % tile or columns % 2:
+        raise QuantizationError(f"a weight in bitsandbytes' CPU packing format has shape (N, K) with N a multiple "
+                                f"of {tile} and K even; this one's QuantState.shape is {tuple(state.shape)}")
+    nibbles = data.reshape(-1, tile)
+    codes = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)  # each row: 32 low nibbles, then 32 high
+    codes = codes.reshape(rows // tile, columns // 2, tile, 2).transpose(0, 2, 1, 3).reshape(-1)
+    data = (codes[0::2] << 4 | codes[1::2]).astype(np.uint8)  # element 2i in the high nibble, as quantize_4bit
+    absmax = state.absmax.detach().cpu().float().T.contiguous().reshape(-1).numpy()
+    return data, absmax

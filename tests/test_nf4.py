@@ -387,6 +387,26 @@ def test_bnb_round_trip_is_identity(double_quant):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_bnb_reads_the_cpu_packing_format(double_quant):
+    """A Linear4bit on an AVX512-BF16 CPU repacks its weight at the first eval forward pass
+    (bitsandbytes' `_convert_weight_packed_for_cpu`): from_bnb reads it back into bitsandbytes'
+    usual bytes, with the bfloat16 absmax that the layer computes with from then on."""
+    w = torch_of(weight((64, 128), jnp.float16, seed=5))
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+    repacked, repacked_state = F._convert_weight_packed_for_cpu(packed.clone(), copy.deepcopy(state))
+    assert repacked_state.packing_format_for_cpu and not torch.equal(repacked.reshape(-1), packed.reshape(-1))
+    q = from_bnb(repacked, repacked_state)
+    np.testing.assert_array_equal(q.packed, packed.reshape(-1).numpy())
+    np.testing.assert_array_equal(q.absmax, absmax.bfloat16().float().numpy())
+    assert q.quant_dtype == jnp.float16 and q.quant_shape == (64, 128) and not q.double_quant
+    theirs = F.dequantize_4bit(packed, F.QuantState(absmax=absmax.bfloat16().float(), shape=state.shape,
+                                                    code=state.code, blocksize=64, quant_type="nf4",
+                                                    dtype=torch.float16))
+    np.testing.assert_array_equal(np.asarray(nf4.dequantize(q)), theirs.numpy())
+
+
 def test_rules_cast_transpose_and_unsupported_ops():
     q = nf4.quantize(jax.random.normal(jax.random.key(0), (64, 32)))
     x = jax.random.normal(jax.random.key(1), (4, 64))

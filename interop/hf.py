@@ -71,6 +71,9 @@ class Architecture:
     merged_as: the transformers architecture `save_merged` writes (text-only) for each text model_type,
         with `merged_renames` from our names to its names and `merged_config` over the text config
         (what makes its logits the ones this model computes). None: the architecture itself.
+    input_embedding: the embeddings a tied `lm_head` is (None: the model has no head). A tied
+        config whose checkpoint stores a different `lm_head.weight` loads untied, and one that
+        stores only the head ties the embeddings to it, as transformers does.
     """
 
     config_class: type
@@ -84,6 +87,7 @@ class Architecture:
     merged_as: dict[str, str] | None = None
     merged_renames: tuple[tuple[str, str], ...] = ()
     merged_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    input_embedding: str | None = "model.embed_tokens.weight"
 
 
 def _bert_pooler(tensor_names: list[str]) -> dict:
@@ -109,14 +113,6 @@ MIXTRAL_NAMES_BACK = ((r"\.mlp\.", ".block_sparse_moe."), (r"\.experts\.(\d+)\.g
                       (r"\.experts\.(\d+)\.up_proj\.", r".experts.\1.w3."), (r"\.experts\.(\d+)\.down_proj\.", r".experts.\1.w2."))
 
 
-def _head_stored(tensor_names: list[str]) -> dict:
-    """A vision-language checkpoint that stores its own lm_head is untied whatever config.json says:
-    transformers 5 reads a missing top-level `tie_word_embeddings` as True, then unties a head the
-    checkpoint holds (Mistral Small 3.1's config.json says nothing, its checkpoint has lm_head)."""
-    stored = any(renamed(name, LLAVA_RENAMES) == "lm_head.weight" for name in tensor_names)
-    return {"tie_word_embeddings": False} if stored else {}
-
-
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
@@ -137,19 +133,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         skipped=VISION_PARTS, merged_as={"gemma3_text": "Gemma3ForCausalLM"},
         merged_renames=((r"^model\.language_model\.", "model."),),
         # Gemma3ForConditionalGeneration's head never soft-caps; Gemma3ForCausalLM's does if the config says so.
-        merged_config={"final_logit_softcapping": None}, checkpoint_overrides=_head_stored),
+        merged_config={"final_logit_softcapping": None}, input_embedding="model.language_model.embed_tokens.weight"),
     # Mistral Small 3.1 / 3.2 and Ministral 3: the language model only, as for Gemma 3.
     "Mistral3ForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration,
         text_config={"model_type": "mistral", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
         skipped=VISION_PARTS, merged_as={"mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM"},
         merged_renames=((r"^model\.language_model\.", "model."),),
-        checkpoint_overrides=_head_stored),
-    "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS),
-    "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS),
-    "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler),
+        input_embedding="model.language_model.embed_tokens.weight"),
+    "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS,
+                                    input_embedding="transformer.wte.weight"),
+    "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS, input_embedding=None),
+    "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler,
+                              input_embedding=None),
     "BertForSequenceClassification": Architecture(BertConfig, BertForSequenceClassification, ignored=BERT_BUFFERS,
-                                                  checkpoint_overrides=_bert_pooler),
+                                                  checkpoint_overrides=_bert_pooler, input_embedding=None),
 }
 
 
@@ -293,6 +291,75 @@ def abstract_model(model_class: type, config) -> tuple[nnx.GraphDef, dict]:
     return graphdef, nnx.to_pure_dict(state)
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What loading a checkpoint into one config will do: the arrays, the copies into them, and
+    what did not fit. Nothing is copied until `copy_all(plan.copies)`."""
+
+    graphdef: nnx.GraphDef
+    arrays: dict
+    slots: dict[str, Slot]
+    copies: list[Copy] = dataclasses.field(default_factory=list)
+    sources: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # our tensor name -> the file's
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    stored_head: np.ndarray | None = None  # lm_head.weight of a tied model's checkpoint
+    skipped: int = 0
+
+    def fill(self, key: str, tensor: np.ndarray, name: str | None = None):
+        """Copy the checkpoint's tensor `name` (default: `key`) into our tensor `key`, once it is checked."""
+        slot = self.slots[key]
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"tensor {name or key!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
+                                  f"(config.json and the weights disagree)")
+        self.copies.append(Copy(leaf_at(self.arrays, slot.leaf)[slot.index], tensor, slot.transpose))
+        self.sources[key] = tensor
+
+    def check(self, folder: Path, arch: Architecture):
+        missing = sorted(set(self.slots) - set(self.sources))
+        if missing or self.unexpected:
+            raise CheckpointError(
+                f"{folder} does not match {arch.model_class.__name__}: "
+                + (f"missing tensors: {listing(missing)}. " if missing else "")
+                + (f"unexpected tensors: {listing(self.unexpected)}." if self.unexpected else "")
+            )
+
+
+def _plan(folder: Path, arch: Architecture, config, quantized_names: list[str] | None, progress: bool) -> _Plan:
+    """Match every checkpoint tensor (names and shapes; the weights are not read) to our model for `config`."""
+    graphdef, abstract = abstract_model(arch.model_class, config)
+    slots = checkpoint_slots(abstract, arch)
+    # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
+    plan = _Plan(graphdef, jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract), slots)
+    four_bit = QuantizedWeights(quantized_names) if quantized_names is not None else None
+    tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
+                   disable=not progress, leave=False)
+    for name, tensor in tensors:
+        if any(re.fullmatch(pattern, name) for pattern in arch.skipped):  # a 4-bit vision weight's parts too
+            plan.skipped += 1
+            continue
+        if four_bit is not None and four_bit.take(name, tensor):
+            continue
+        key = _normalize(name, slots, arch)
+        if key in slots:
+            plan.fill(key, tensor, name)
+        elif key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            if arch.input_embedding is not None:  # else a head the model does not have (GPT2Model)
+                plan.stored_head = tensor
+        elif not any(re.fullmatch(pattern, name) for pattern in arch.ignored):
+            plan.unexpected.append(name)
+    if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
+        quantized_filled, quantized_unexpected = four_bit.place(plan.arrays, slots,
+                                                                lambda name: _normalize(name, slots, arch))
+        plan.sources.update(dict.fromkeys(quantized_filled))
+        plan.unexpected += quantized_unexpected
+    return plan
+
+
+def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """torch.equal, as transformers decides whether a stored head is the tied embeddings (same bytes)."""
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     progress: bool = True, mesh: Mesh | None = None) -> nnx.Module:
     """Load a local Hugging Face model folder as our NNX model.
@@ -327,47 +394,23 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
     overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}
     config = arch.config_class.from_hf(model_config(hf_config, arch), dtype=dtype, param_dtype=param_dtype, **overrides)
-    graphdef, abstract = abstract_model(arch.model_class, config)
-    slots = checkpoint_slots(abstract, arch)
-    # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
-    arrays = jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract)
-    four_bit = QuantizedWeights(names) if quantized else None
-
-    filled, unexpected, copies, skipped = set(), [], [], 0
-    tensors = tqdm(read_tensors(folder), total=count_tensors(folder), desc=f"loading {folder.name}", unit="tensor",
-                   disable=not progress, leave=False)
-    for name, tensor in tensors:
-        if any(re.fullmatch(pattern, name) for pattern in arch.skipped):  # a 4-bit vision weight's parts too
-            skipped += 1
-            continue
-        if four_bit is not None and four_bit.take(name, tensor):
-            continue
-        key = _normalize(name, slots, arch)
-        slot = slots.get(key)
-        if slot is None:
-            if not any(re.fullmatch(pattern, name) for pattern in arch.ignored) and not _is_tied_head(key, config):
-                unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != slot.shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
-                                  f"(config.json and the weights disagree)")
-        target = leaf_at(arrays, slot.leaf)
-        copies.append(Copy(target[slot.index], tensor, slot.transpose))
-        filled.add(key)
-    if four_bit is not None:  # bitsandbytes 4-bit weights become Nf4Array kernels, as stored
-        quantized_filled, quantized_unexpected = four_bit.place(arrays, slots, lambda name: _normalize(name, slots, arch))
-        filled |= quantized_filled
-        unexpected += quantized_unexpected
-    missing = sorted(set(slots) - filled)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder} does not match {arch.model_class.__name__}: "
-            + (f"missing tensors: {listing(missing)}. " if missing else "")
-            + (f"unexpected tensors: {listing(unexpected)}." if unexpected else "")
-        )
-    if skipped:
-        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; {skipped} tensors "
+    plan = _plan(folder, arch, config, names if quantized else None, progress)
+    if plan.stored_head is not None:
+        embedding = plan.sources.get(arch.input_embedding)
+        if embedding is None:
+            # Only the head is stored: transformers ties the other way round, the embeddings are the head.
+            plan.fill(arch.input_embedding, plan.stored_head, "lm_head.weight")
+        elif not _same_values(embedding, plan.stored_head):
+            warnings.warn(f"{folder}: config.json ties lm_head to {arch.input_embedding}, but the checkpoint stores "
+                          "both with different values; they are loaded untied, as transformers does (set "
+                          "tie_word_embeddings=False in config.json to silence this)", stacklevel=2)
+            config = dataclasses.replace(config, tie_word_embeddings=False)
+            plan = _plan(folder, arch, config, names if quantized else None, progress)
+    plan.check(folder, arch)
+    if plan.skipped:
+        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; {plan.skipped} tensors "
                       "of its vision tower and projector are not loaded", stacklevel=2)
+    graphdef, arrays, copies = plan.graphdef, plan.arrays, plan.copies
     # Every tensor is checked before any is copied; the copy is most of the load time.
     copy_all(copies, progress=progress, desc=f"copying {folder.name}")
     if mesh is not None:
@@ -391,8 +434,3 @@ def architecture_for(model: nnx.Module) -> Architecture:
         if type(model) is arch.model_class:
             return arch
     raise CheckpointError(f"{type(model).__name__} has no Hugging Face mapping; supported: {listing(ARCHITECTURES)}")
-
-
-def _is_tied_head(name: str, config) -> bool:
-    """Tied models may still store lm_head.weight (a copy of the embeddings); it is not needed."""
-    return name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False)

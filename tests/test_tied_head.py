@@ -125,3 +125,40 @@ def test_tied_head_copies_in_the_file(tied_model, tmp_path):
     save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
     with pytest.raises(interop.CheckpointError, match="lm_head.lora_A.weight.*tied to the input embeddings"):
         interop.load_adapter(tmp_path, base)
+
+
+HEAD_CASES = ("copy of the embeddings", "different head", "head only")
+
+
+@pytest.mark.parametrize("case", HEAD_CASES)
+def test_stored_head_of_a_tied_config_loads_as_transformers_loads_it(tied_model, case, tmp_path):
+    """config.json says tied, but the checkpoint stores lm_head.weight: transformers ties them when
+    the values are the same, unties them when they differ, and ties the embeddings to the head when
+    only the head is stored. Our logits, tying and adapter counts follow transformers'."""
+    from safetensors.numpy import load_file, save_file
+
+    architecture, hf, _, _ = tied_model
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    embedding = next(name for name in tensors if name.endswith(f"{ARCHITECTURES[architecture][1]}.weight"))
+    head = np.random.default_rng(0).normal(size=tensors[embedding].shape).astype(np.float32)
+    tensors["lm_head.weight"] = tensors[embedding].copy() if case == "copy of the embeddings" else head
+    if case == "head only":
+        del tensors[embedding]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    tied = theirs.lm_head.weight.data_ptr() == theirs.get_input_embeddings().weight.data_ptr()
+    assert tied == (case != "different head")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = interop.from_pretrained(tmp_path, progress=False)
+    assert model.config.tie_word_embeddings == tied
+    assert any("different values" in str(w.message) for w in caught) == (not tied)
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    ours = lorax.apply(*lorax.split(model), jnp.asarray(ids.numpy()))
+    np.testing.assert_allclose(ours, torch_logits(theirs, ids), atol=1e-4, rtol=1e-4)
+    _, params = lorax.split(model)
+    config = dict(r=4, target_modules=[ARCHITECTURES[architecture][2]])
+    adapted = lorax.lora(params, lorax.LoraConfig(**config), key=jax.random.key(0))
+    assert lorax.count_parameters(adapted)[1] == peft.get_peft_model(theirs, peft.LoraConfig(**config)) \
+        .get_nb_trainable_parameters()[1]

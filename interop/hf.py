@@ -62,8 +62,9 @@ class Architecture:
     checkpoint_overrides: config fields that config.json does not hold but the checkpoint's tensor
         names tell (BERT: whether it has a pooler), as a function of those names.
     text_config: for a vision-language checkpoint loaded text-only, the defaults of its nested
-        `text_config` (our config is read from that; top-level `tie_word_embeddings` wins, as in
-        transformers). None: config.json is read as it is.
+        `text_config` (our config is read from that, with the tying transformers gives it: the
+        top-level `tie_word_embeddings` where these defaults name one, else a top-level True or the
+        text config's own, as LlavaConfig). None: config.json is read as it is.
     renames: (regex, replacement) pairs from checkpoint tensor names to ours, applied in order
         (transformers' conversion mapping for older saves: `language_model.model.` -> `model.language_model.`).
     skipped: regexes of checkpoint tensors that exist but are not loaded (a vision tower); a
@@ -139,6 +140,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         LlamaConfig, LlamaForConditionalGeneration,
         text_config={"model_type": "mistral", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
         skipped=VISION_PARTS, merged_as={"mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM"},
+        merged_renames=((r"^model\.language_model\.", "model."),),
+        input_embedding="model.language_model.embed_tokens.weight"),
+    # LLaVA 1.5, LLaVA-Interleave (Qwen2), Pixtral 12B (Mistral): the language model only, as above.
+    "LlavaForConditionalGeneration": Architecture(
+        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "llama"}, renames=LLAVA_RENAMES,
+        skipped=VISION_PARTS,
+        merged_as={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "qwen3": "Qwen3ForCausalLM"},
         merged_renames=((r"^model\.language_model\.", "model."),),
         input_embedding="model.language_model.embed_tokens.weight"),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS,
@@ -249,7 +258,10 @@ def model_config(hf_config: dict, arch: Architecture) -> dict:
     if arch.text_config is None:
         return hf_config
     text = {**arch.text_config, **(hf_config.get("text_config") or {})}
-    text["tie_word_embeddings"] = hf_config.get("tie_word_embeddings", arch.text_config["tie_word_embeddings"])
+    if "tie_word_embeddings" in arch.text_config:  # Gemma 3, Mistral 3: the top level's (default: the architecture's)
+        text["tie_word_embeddings"] = hf_config.get("tie_word_embeddings", arch.text_config["tie_word_embeddings"])
+    elif hf_config.get("tie_word_embeddings"):  # LLaVA: a top-level True, else the text config's own
+        text["tie_word_embeddings"] = True
     return text
 
 

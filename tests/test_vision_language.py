@@ -1,5 +1,6 @@
 """Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration: Gemma 3 4B and
-up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2, Ministral 3): logits and greedy tokens equal
+up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2, Ministral 3; LlavaForConditionalGeneration:
+LLaVA 1.5, LLaVA-Interleave, Pixtral 12B): logits and greedy tokens equal
 transformers' full model on text, adapters go both ways with peft on the full model, and the
 merged model saves as the causal LM transformers loads."""
 
@@ -39,11 +40,20 @@ SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_att
               patch_size=14)
 PIXTRAL = dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                image_size=28, patch_size=14, head_dim=8)
+# LLaVA's language model is any AutoModel: Llama (LLaVA 1.5), Qwen2 (LLaVA-Interleave; tied in its text
+# config, which LlavaConfig falls back to), Mistral (Pixtral 12B).
+LLAVA_LLAMA = dict(MISTRAL, model_type="llama", sliding_window=None)
+LLAVA_QWEN2 = dict(MISTRAL, model_type="qwen2", sliding_window=None, tie_word_embeddings=True)
+CLIP = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16)
 MODELS = {
     "gemma3": lambda **top: transformers.Gemma3Config(text_config=GEMMA3, vision_config=SIGLIP, mm_tokens_per_image=4,
                                                       **top),
     "mistral3": lambda **top: transformers.Mistral3Config(text_config=MISTRAL, vision_config=PIXTRAL, **top),
     "ministral3": lambda **top: transformers.Mistral3Config(text_config=MINISTRAL3, vision_config=PIXTRAL, **top),
+    "llava-llama": lambda **top: transformers.LlavaConfig(text_config=LLAVA_LLAMA, vision_config=CLIP, **top),
+    "llava-qwen2": lambda **top: transformers.LlavaConfig(text_config=LLAVA_QWEN2, vision_config=CLIP, **top),
+    "pixtral": lambda **top: transformers.LlavaConfig(text_config=MISTRAL, vision_config=PIXTRAL, **top),
 }
 # variant -> (model, top-level config fields, top-level fields to drop from the saved config.json)
 VARIANTS = {
@@ -53,6 +63,10 @@ VARIANTS = {
     # As Mistral Small 3.1's config.json: no top-level tie_word_embeddings (transformers 5 reads True)
     # but the checkpoint holds lm_head, which transformers then leaves untied.
     "mistral3-head-stored": ("mistral3", dict(tie_word_embeddings=False), ("tie_word_embeddings",)),
+    "llava-llama-untied": ("llava-llama", {}, ()),
+    # No top-level tie in config.json: LlavaConfig reads False there, then takes the text config's True.
+    "llava-qwen2-tied": ("llava-qwen2", {}, ("tie_word_embeddings",)),
+    "pixtral-untied": ("pixtral", {}, ()),
 }
 TEXT_ONLY = "loads as a text-only model"
 
@@ -102,7 +116,9 @@ def assert_close_unpadded(ours, theirs, mask, atol=1e-4):
 
 
 @pytest.mark.parametrize("variant,names", [("gemma3-tied", "pre-4.52"), ("gemma3-untied", "current"),
-                                           ("ministral3-tied", "current"), ("mistral3-head-stored", "pre-4.52")])
+                                           ("ministral3-tied", "current"), ("mistral3-head-stored", "pre-4.52"),
+                                           ("llava-llama-untied", "current"), ("llava-qwen2-tied", "pre-4.52"),
+                                           ("pixtral-untied", "pre-4.52")])
 def test_logits_equal_transformers(saved, variant, names, tmp_path):
     """Text logits equal the full model's, from either naming of the checkpoint (transformers
     4.52-4.57 wrote `model.language_model.*`, `model.vision_tower.*`); the vision tensors are
@@ -165,7 +181,8 @@ LORA_CONFIGS = [
 
 
 @pytest.mark.parametrize("variant,config", [("gemma3-tied", LORA_CONFIGS[0]), ("gemma3-tied", LORA_CONFIGS[1]),
-                                            ("mistral3-head-stored", LORA_CONFIGS[0]), ("ministral3-tied", LORA_CONFIGS[1])],
+                                            ("mistral3-head-stored", LORA_CONFIGS[0]), ("ministral3-tied", LORA_CONFIGS[1]),
+                                            ("llava-llama-untied", LORA_CONFIGS[0]), ("llava-qwen2-tied", LORA_CONFIGS[1])],
                          ids=str)
 def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path):
     """Same targets and trainable count as peft on the full model (the total differs by exactly
@@ -205,7 +222,8 @@ def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path)
     assert_close_unpadded(torch_logits(merged, ids, mask), torch_logits(peft_model.merge_and_unload(), ids, mask), mask)
 
 
-@pytest.mark.parametrize("variant", ["gemma3-untied", "mistral3-head-stored", "ministral3-tied"])
+@pytest.mark.parametrize("variant", ["gemma3-untied", "mistral3-head-stored", "ministral3-tied", "llava-qwen2-tied",
+                                     "pixtral-untied"])
 def test_greedy_generation_equals_transformers(saved, variant):
     """The KV-cache path through the language model (sliding layers included: 15 tokens > window)."""
     from lorax.models.generate import generate

@@ -540,7 +540,7 @@ class LanguageModelOnly(nnx.Module):
 
 class LlamaForConditionalGeneration(LlamaForCausalLM):
     """The text half of a vision-language checkpoint whose language model is one of ours
-    (Gemma 3 4B and up, Mistral Small 3.1 / 3.2): text in, logits out, under transformers'
+    (Gemma 3 4B and up, Mistral Small 3.1 / 3.2, LLaVA): text in, logits out, under transformers'
     module names `model.language_model.layers.3.self_attn.q_proj` and `lm_head`, so that
     adapters trained here load into peft on the full model and the other way round. There is no
     vision tower: images are not supported, only text fine-tuning.

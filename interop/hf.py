@@ -103,7 +103,7 @@ BERT_BUFFERS = (r"(.*\.)?embeddings\.(position_ids|token_type_ids)",)
 # transformers' "llava" conversion mapping (Gemma 3's too): how vision-language checkpoints saved
 # before transformers 4.52 (and by 5.x, which writes the old names back) name the language model.
 LLAVA_RENAMES = ((r"^language_model\.lm_head\.", "lm_head."), (r"^language_model\.model\.", "model.language_model."))
-VISION_PARTS = (r"(model\.)?(vision_tower|multi_modal_projector)\..*",)
+VISION_PARTS = (r"(model\.)?(vision_tower|multi_modal_projector)\..*", r"(model\.)?image_newline")  # LLaVA-NeXT's
 
 
 # Mixtral checkpoints name the MoE block `block_sparse_moe` and the expert projections w1 (gate),
@@ -112,6 +112,10 @@ MIXTRAL_RENAMES = ((r"\.block_sparse_moe\.", ".mlp."), (r"\.experts\.(\d+)\.w1\.
                    (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."), (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."))
 MIXTRAL_NAMES_BACK = ((r"\.mlp\.", ".block_sparse_moe."), (r"\.experts\.(\d+)\.gate_proj\.", r".experts.\1.w1."),
                       (r"\.experts\.(\d+)\.up_proj\.", r".experts.\1.w3."), (r"\.experts\.(\d+)\.down_proj\.", r".experts.\1.w2."))
+
+
+LLAVA_MERGED_AS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                   "qwen3": "Qwen3ForCausalLM"}
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -146,9 +150,18 @@ ARCHITECTURES: dict[str, Architecture] = {
     "LlavaForConditionalGeneration": Architecture(
         LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "llama"}, renames=LLAVA_RENAMES,
         skipped=VISION_PARTS,
-        merged_as={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                   "qwen3": "Qwen3ForCausalLM"},
+        merged_as=LLAVA_MERGED_AS,
         merged_renames=((r"^model\.language_model\.", "model."),),
+        input_embedding="model.language_model.embed_tokens.weight"),
+    # LLaVA-NeXT (1.6) ties only by its top-level field; LLaVA-OneVision falls back to the text config's, as LLaVA.
+    "LlavaNextForConditionalGeneration": Architecture(
+        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "llama", "tie_word_embeddings": False},
+        renames=LLAVA_RENAMES, skipped=VISION_PARTS, merged_as=LLAVA_MERGED_AS,
+        merged_renames=((r"^model\.language_model\.", "model."),),
+        input_embedding="model.language_model.embed_tokens.weight"),
+    "LlavaOnevisionForConditionalGeneration": Architecture(
+        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "qwen2"}, renames=LLAVA_RENAMES,
+        skipped=VISION_PARTS, merged_as=LLAVA_MERGED_AS, merged_renames=((r"^model\.language_model\.", "model."),),
         input_embedding="model.language_model.embed_tokens.weight"),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS,
                                     input_embedding="transformer.wte.weight"),

@@ -1,6 +1,6 @@
 """Vision-language checkpoints loaded text-only (Gemma3ForConditionalGeneration: Gemma 3 4B and
 up; Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2, Ministral 3; LlavaForConditionalGeneration:
-LLaVA 1.5, LLaVA-Interleave, Pixtral 12B): logits and greedy tokens equal
+LLaVA 1.5, LLaVA-Interleave, Pixtral 12B; LLaVA-NeXT and LLaVA-OneVision): logits and greedy tokens equal
 transformers' full model on text, adapters go both ways with peft on the full model, and the
 merged model saves as the causal LM transformers loads."""
 
@@ -54,6 +54,9 @@ MODELS = {
     "llava-llama": lambda **top: transformers.LlavaConfig(text_config=LLAVA_LLAMA, vision_config=CLIP, **top),
     "llava-qwen2": lambda **top: transformers.LlavaConfig(text_config=LLAVA_QWEN2, vision_config=CLIP, **top),
     "pixtral": lambda **top: transformers.LlavaConfig(text_config=MISTRAL, vision_config=PIXTRAL, **top),
+    "llava-next-qwen2": lambda **top: transformers.LlavaNextConfig(text_config=LLAVA_QWEN2, vision_config=CLIP, **top),
+    "onevision": lambda **top: transformers.LlavaOnevisionConfig(
+        text_config=LLAVA_QWEN2, vision_config=dict(SIGLIP, model_type="siglip_vision_model"), **top),
 }
 # variant -> (model, top-level config fields, top-level fields to drop from the saved config.json)
 VARIANTS = {
@@ -67,6 +70,9 @@ VARIANTS = {
     # No top-level tie in config.json: LlavaConfig reads False there, then takes the text config's True.
     "llava-qwen2-tied": ("llava-qwen2", {}, ("tie_word_embeddings",)),
     "pixtral-untied": ("pixtral", {}, ()),
+    # LlavaNextConfig has no fallback: its top level's False (the default) wins over the text config's True.
+    "llava-next-qwen2-untied": ("llava-next-qwen2", {}, ("tie_word_embeddings",)),
+    "onevision-tied": ("onevision", {}, ("tie_word_embeddings",)),
 }
 TEXT_ONLY = "loads as a text-only model"
 
@@ -118,7 +124,8 @@ def assert_close_unpadded(ours, theirs, mask, atol=1e-4):
 @pytest.mark.parametrize("variant,names", [("gemma3-tied", "pre-4.52"), ("gemma3-untied", "current"),
                                            ("ministral3-tied", "current"), ("mistral3-head-stored", "pre-4.52"),
                                            ("llava-llama-untied", "current"), ("llava-qwen2-tied", "pre-4.52"),
-                                           ("pixtral-untied", "pre-4.52")])
+                                           ("pixtral-untied", "pre-4.52"), ("llava-next-qwen2-untied", "current"),
+                                           ("onevision-tied", "pre-4.52")])
 def test_logits_equal_transformers(saved, variant, names, tmp_path):
     """Text logits equal the full model's, from either naming of the checkpoint (transformers
     4.52-4.57 wrote `model.language_model.*`, `model.vision_tower.*`); the vision tensors are
@@ -182,7 +189,8 @@ LORA_CONFIGS = [
 
 @pytest.mark.parametrize("variant,config", [("gemma3-tied", LORA_CONFIGS[0]), ("gemma3-tied", LORA_CONFIGS[1]),
                                             ("mistral3-head-stored", LORA_CONFIGS[0]), ("ministral3-tied", LORA_CONFIGS[1]),
-                                            ("llava-llama-untied", LORA_CONFIGS[0]), ("llava-qwen2-tied", LORA_CONFIGS[1])],
+                                            ("llava-llama-untied", LORA_CONFIGS[0]), ("llava-qwen2-tied", LORA_CONFIGS[1]),
+                                            ("llava-next-qwen2-untied", LORA_CONFIGS[1]), ("onevision-tied", LORA_CONFIGS[0])],
                          ids=str)
 def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path):
     """Same targets and trainable count as peft on the full model (the total differs by exactly
@@ -197,7 +205,7 @@ def test_adapters_match_peft_on_the_full_model(saved, variant, config, tmp_path)
     sync_into_peft(params, peft_model)
     assert adapted_paths(params) == sorted(peft_model.base_model.targeted_module_names)
     vision = sum(p.numel() for name, p in peft_model.base_model.model.model.named_parameters()
-                 if name.startswith(("vision_tower.", "multi_modal_projector.")))
+                 if name.startswith(("vision_tower.", "multi_modal_projector.", "image_newline")))
     trainable, total = lorax_counts(params)
     assert (trainable, total + vision) == counts(peft_model)
 

@@ -113,14 +113,12 @@ def from_bnb(packed, quant_state=None, *, transposed: bool = False) -> Nf4Array:
     if data.size != -(-math.prod(shape) // 2):
         raise QuantizationError(f"{data.size} packed bytes cannot hold a 4-bit tensor of shape {shape} "
                                 f"({-(-math.prod(shape) // 2)} bytes)")
+    nested_absmax = offset = None
     if getattr(state, "packing_format_for_cpu", False):
         data, absmax = _unpack_cpu_format(data, state)
-        return Nf4Array(jnp.asarray(data), jnp.asarray(absmax), None, None, quant_shape=shape,
-                        quant_dtype=jnp.dtype(str(state.original_dtype).removeprefix("torch.")),
-                        blocksize=state.blocksize, quant_type=state.quant_type, transposed=transposed)
-    absmax = state.absmax.detach().cpu().numpy()
-    nested_absmax = offset = None
-    if state.nested:
+    else:
+        absmax = state.absmax.detach().cpu().numpy()
+    if state.nested:  # never after CPU packing: bitsandbytes dequantizes the absmax then
         nested_code = state.state2.code.cpu().numpy()
         if state.state2.blocksize != NESTED_BLOCKSIZE or not np.array_equal(nested_code, DYNAMIC_CODE):
             raise QuantizationError("double quantization other than bitsandbytes' (dynamic map, blocks of 256) is not "
@@ -141,11 +139,11 @@ def _unpack_cpu_format(data, state):
     quantized) are stored as a transposed bfloat16 matrix. The reordering is undone here exactly;
     the absmax stay what the layer now computes with (their bfloat16 values, single quantized).
     """
-    rows, columns = state.shape
     tile = 32  # bitsandbytes' block_n
-    if len(state.shape) != 2 or rows % tile or columns % 2:
+    if len(state.shape) != 2 or state.shape[0] % tile or state.shape[1] % 2:
         raise QuantizationError(f"a weight in bitsandbytes' CPU packing format has shape (N, K) with N a multiple "
                                 f"of {tile} and K even; this one's QuantState.shape is {tuple(state.shape)}")
+    rows, columns = state.shape
     nibbles = data.reshape(-1, tile)
     codes = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)  # each row: 32 low nibbles, then 32 high
     codes = codes.reshape(rows // tile, columns // 2, tile, 2).transpose(0, 2, 1, 3).reshape(-1)

@@ -118,6 +118,15 @@ LLAVA_MERGED_AS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                    "qwen3": "Qwen3ForCausalLM"}
 
 
+def _text_only(text_config: dict, merged_as: dict[str, str], **fields) -> Architecture:
+    """A vision-language checkpoint loaded as its language model (LlamaForConditionalGeneration):
+    transformers' "llava" names, the vision parts skipped, saved merged as the text model's causal LM."""
+    return Architecture(LlamaConfig, LlamaForConditionalGeneration, text_config=text_config, renames=LLAVA_RENAMES,
+                        skipped=VISION_PARTS, merged_as=merged_as,
+                        merged_renames=((r"^model\.language_model\.", "model."),),
+                        input_embedding="model.language_model.embed_tokens.weight", **fields)
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
@@ -132,37 +141,20 @@ ARCHITECTURES: dict[str, Architecture] = {
                                        merged_renames=MIXTRAL_NAMES_BACK),
     "Qwen3MoeForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     # Gemma 3 4B and larger: the language model only (see LlamaForConditionalGeneration).
-    "Gemma3ForConditionalGeneration": Architecture(
-        LlamaConfig, LlamaForConditionalGeneration,
-        text_config={"model_type": "gemma3_text", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS, merged_as={"gemma3_text": "Gemma3ForCausalLM"},
-        merged_renames=((r"^model\.language_model\.", "model."),),
+    "Gemma3ForConditionalGeneration": _text_only(
+        {"model_type": "gemma3_text", "tie_word_embeddings": True}, {"gemma3_text": "Gemma3ForCausalLM"},
         # Gemma3ForConditionalGeneration's head never soft-caps; Gemma3ForCausalLM's does if the config says so.
-        merged_config={"final_logit_softcapping": None}, input_embedding="model.language_model.embed_tokens.weight"),
+        merged_config={"final_logit_softcapping": None}),
     # Mistral Small 3.1 / 3.2 and Ministral 3: the language model only, as for Gemma 3.
-    "Mistral3ForConditionalGeneration": Architecture(
-        LlamaConfig, LlamaForConditionalGeneration,
-        text_config={"model_type": "mistral", "tie_word_embeddings": True}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS, merged_as={"mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM"},
-        merged_renames=((r"^model\.language_model\.", "model."),),
-        input_embedding="model.language_model.embed_tokens.weight"),
+    "Mistral3ForConditionalGeneration": _text_only(
+        {"model_type": "mistral", "tie_word_embeddings": True},
+        {"mistral": "MistralForCausalLM", "ministral3": "Ministral3ForCausalLM"}),
     # LLaVA 1.5, LLaVA-Interleave (Qwen2), Pixtral 12B (Mistral): the language model only, as above.
-    "LlavaForConditionalGeneration": Architecture(
-        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "llama"}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS,
-        merged_as=LLAVA_MERGED_AS,
-        merged_renames=((r"^model\.language_model\.", "model."),),
-        input_embedding="model.language_model.embed_tokens.weight"),
+    "LlavaForConditionalGeneration": _text_only({"model_type": "llama"}, LLAVA_MERGED_AS),
     # LLaVA-NeXT (1.6) ties only by its top-level field; LLaVA-OneVision falls back to the text config's, as LLaVA.
-    "LlavaNextForConditionalGeneration": Architecture(
-        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "llama", "tie_word_embeddings": False},
-        renames=LLAVA_RENAMES, skipped=VISION_PARTS, merged_as=LLAVA_MERGED_AS,
-        merged_renames=((r"^model\.language_model\.", "model."),),
-        input_embedding="model.language_model.embed_tokens.weight"),
-    "LlavaOnevisionForConditionalGeneration": Architecture(
-        LlamaConfig, LlamaForConditionalGeneration, text_config={"model_type": "qwen2"}, renames=LLAVA_RENAMES,
-        skipped=VISION_PARTS, merged_as=LLAVA_MERGED_AS, merged_renames=((r"^model\.language_model\.", "model."),),
-        input_embedding="model.language_model.embed_tokens.weight"),
+    "LlavaNextForConditionalGeneration": _text_only({"model_type": "llama", "tie_word_embeddings": False},
+                                                    LLAVA_MERGED_AS),
+    "LlavaOnevisionForConditionalGeneration": _text_only({"model_type": "qwen2"}, LLAVA_MERGED_AS),
     "GPT2LMHeadModel": Architecture(GPT2Config, GPT2LMHeadModel, GPT2_CONV1D, GPT2_BUFFERS,
                                     input_embedding="transformer.wte.weight"),
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS, input_embedding=None),

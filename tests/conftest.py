@@ -22,7 +22,6 @@ from torch import nn
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-
 def use_bitsandbytes_reference_paths_on_this_cpu():
     """Our references are bitsandbytes' bytes and its dequantize-then-matmul forward, as it computes
     them on GPUs and on most CPUs. On CPUs with AVX-512, bitsandbytes 0.50's native CPU kernels

@@ -405,6 +405,12 @@ def test_from_bnb_reads_the_cpu_packing_format(double_quant):
                                                     code=state.code, blocksize=64, quant_type="nf4",
                                                     dtype=torch.float16))
     np.testing.assert_array_equal(np.asarray(nf4.dequantize(q)), theirs.numpy())
+    # bitsandbytes repacks only (N, K) weights with N a multiple of its 32-row tiles; anything else
+    # marked as repacked is named, not misread.
+    odd, odd_state = F.quantize_4bit(torch_of(weight((48, 128), jnp.float16, seed=6)), blocksize=64)
+    odd_state.packing_format_for_cpu, odd_state.original_dtype = True, torch.float16
+    with pytest.raises(lorax.QuantizationError, match=r"CPU packing format.*multiple of 32.*\(48, 128\)"):
+        from_bnb(odd, odd_state)
 
 
 def test_rules_cast_transpose_and_unsupported_ops():

@@ -132,6 +132,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Qwen2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Qwen3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+    "SmolLM3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "GemmaForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma2ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Gemma3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),

@@ -1,4 +1,4 @@
-"""The Llama family (Llama, Mistral, Ministral 3, Qwen2/3, Gemma 1/2/3, Phi-3) loaded from
+"""The Llama family (Llama, Mistral, Ministral 3, Qwen2/3, SmolLM3, Gemma 1/2/3, Phi-3) loaded from
 transformers' own save_pretrained folders: logits, generation, LoRA counts and PeftModel outputs
 all equal the real libraries'."""
 
@@ -49,12 +49,15 @@ VARIANTS = {
     "ministral3": (transformers.Ministral3Config, dict(head_dim=8, sliding_window=None, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 4, "beta_fast": 8.0,
         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False, "llama_4_scaling_beta": 0.1})),
+    # no RoPE on every second layer, and those slide
+    "smollm3": (transformers.SmolLM3Config, dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layer_interval=2,
+                                                 use_sliding_window=True, sliding_window=4)),
     "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
     "gemma2": (transformers.Gemma2Config, dict(**GEMMA, attn_logit_softcapping=2.0, final_logit_softcapping=3.0)),
     "gemma3": (transformers.Gemma3TextConfig, dict(**GEMMA, rope_local_base_freq=100.0, sliding_window_pattern=2,
                                                    rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
-WINDOWED = ["mistral-window", "qwen3", "phi3", "gemma2", "gemma3"]
+WINDOWED = ["mistral-window", "qwen3", "phi3", "smollm3", "gemma2", "gemma3"]
 SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="40KB")}
 # The file formats are read the same way whatever the architecture: each is tried on the first four.
 CASES = [(variant, save) for variant in VARIANTS for save in SAVES if save == "safetensors" or variant in
@@ -112,6 +115,7 @@ def test_sliding_window_changes_these_logits(variant):
     (transformers.Gemma3TextConfig, dict(sliding_window=4, sliding_window_pattern=3, rope_theta=1e5,
                                          rope_local_base_freq=50.0, rope_scaling={"rope_type": "linear", "factor": 2.0})),
     (transformers.LlamaConfig, dict(rope_theta=5e4)),
+    (transformers.SmolLM3Config, dict(use_sliding_window=True, sliding_window=4, no_rope_layer_interval=3)),
     (transformers.Phi3Config, dict(sliding_window=4, partial_rotary_factor=0.5, max_position_embeddings=32,
                                    original_max_position_embeddings=8, rope_theta=500.0,
                                    rope_scaling={"type": "longrope", "short_factor": [1.0] * 2, "long_factor": [3.0] * 2})),
@@ -143,7 +147,7 @@ def test_config_json_of_transformers_4_reads_like_transformers(hf_config):
 @pytest.mark.parametrize("config_class", [transformers.GemmaConfig, transformers.Gemma2Config,
                                           transformers.Gemma3TextConfig, transformers.MistralConfig,
                                           transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config,
-                                          transformers.Ministral3Config],
+                                          transformers.Ministral3Config, transformers.SmolLM3Config],
                          ids=lambda c: c.__name__)
 def test_fields_left_out_of_config_json_read_as_transformers_fills_them(config_class):
     """A config.json with only the sizes (and use_sliding_window for Qwen) reads as the full
@@ -168,7 +172,8 @@ def test_bf16_compute_is_close(saved, variant):
     np.testing.assert_allclose(logits_of(graphdef, params, ids).astype(np.float32), reference, atol=0.02)
 
 
-@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "ministral3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("variant", ["llama3", "mistral-window", "phi3-longrope", "ministral3", "smollm3", "gemma2",
+                                     "gemma3"])
 def test_greedy_generation_equals_transformers(saved, variant):
     """With a KV cache, sliding windows, soft caps and LongRoPE's switch to its long factors
     included (15 tokens > window of 4, > LongRoPE's 8)."""
@@ -210,7 +215,7 @@ def fused_names(config: dict) -> dict:
 # (Gemma's scaled, tied embeddings).
 LORA_CASES = [(variant, config) for variant in ("llama3", "qwen2") for config in LORA_CONFIGS] + [
     (variant, config) for variant in ("qwen3", "phi3", "gemma3") for config in (LORA_CONFIGS[1], LORA_CONFIGS[3])] + [
-    ("ministral3", LORA_CONFIGS[1])]
+    ("ministral3", LORA_CONFIGS[1]), ("smollm3", LORA_CONFIGS[1])]
 
 
 @pytest.mark.parametrize("variant,config", LORA_CASES, ids=str)

@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Gemma 1/2/3, Phi-3/4) as a Flax NNX model whose parameter paths are
+"""The Llama family (Llama 2/3, Mistral, Mixtral, Qwen2/3, Qwen3-MoE, Gemma 1/2/3, Phi-3/4, SmolLM3) as a Flax NNX model whose parameter paths are
 Hugging Face's module names: `model.embed_tokens`, `model.layers.3.self_attn.q_proj`, `lm_head`.
 
 The decoder layers are stored stacked, under `model.layers.*` (leading axis = layer), and run
@@ -38,6 +38,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                     "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
                     "num_attention_heads": 8, "num_key_value_heads": 4},
     "mistral": {"sliding_window": 4096},
+    "smollm3": {"vocab_size": 128_256, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                "num_attention_heads": 16, "num_key_value_heads": 4, "rope_theta": 2_000_000.0, "tie_word_embeddings": True},
     "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
     "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
@@ -63,7 +65,8 @@ class LlamaConfig:
     `qkv_proj` and gate/up into `gate_up_proj` (`fused_projections`), may rotate only part of
     each head (`partial_rotary_factor`) and uses LongRoPE scaling; Ministral 3 is Mistral with
     YaRN RoPE and a query temperature that grows with the position (`llama_4_scaling_beta`);
-    Mixtral is Mistral with a mixture-of-experts MLP (`num_experts`), and Qwen3-MoE is Qwen3 with one.
+    Mixtral is Mistral with a mixture-of-experts MLP (`num_experts`), and Qwen3-MoE is Qwen3 with one;
+    SmolLM3 is Llama whose every fourth layer (by default) uses no positional encoding (`rope_layers`).
     `from_hf` sets these switches from config.json's `model_type` and fields, as transformers'
     modeling files do.
     """
@@ -89,6 +92,7 @@ class LlamaConfig:
     layer_types: tuple[str, ...] | None = None  # per layer, one of ATTENTION_KINDS; None: all full, or
     #                                             all sliding when sliding_window is set (Mistral)
     local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3)
+    rope_layers: tuple[bool, ...] | None = None  # per layer, whether it rotates q and k; None: all (SmolLM3's NoPE layers)
     unit_offset_norm: bool = False  # norms scale by (1 + weight) (Gemma)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
     sandwich_norm: bool = False  # post_attention_layernorm on the attention output, pre/post_feedforward_layernorm (Gemma 2/3)
@@ -115,6 +119,9 @@ class LlamaConfig:
                                  f"{self.num_hidden_layers} layers, got {self.layer_types}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window is None")
+        if self.rope_layers is not None and len(self.rope_layers) != self.num_hidden_layers:
+            raise ValueError(f"rope_layers must say for each of the {self.num_hidden_layers} layers whether it uses "
+                             f"RoPE, got {self.rope_layers}")
 
     @property
     def kv_heads(self) -> int:
@@ -134,6 +141,11 @@ class LlamaConfig:
         if self.layer_types is None:
             return (self.sliding_window is not None,) * self.num_hidden_layers
         return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+    @property
+    def layer_kinds(self) -> tuple[tuple[bool, bool], ...]:
+        """Per layer: (whether it slides, whether it uses RoPE), what its mask and RoPE table depend on."""
+        return tuple(zip(self.sliding_layers, self.rope_layers or (True,) * self.num_hidden_layers))
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "LlamaConfig":
@@ -160,7 +172,20 @@ class LlamaConfig:
             sandwich_norm=model_type in ("gemma2", "gemma3_text"),
         )
         values.update(_experts(hf, model_type))
+        values.update(_rope_layers(hf, model_type))
         return cls(**{**values, **overrides})
+
+
+def _rope_layers(hf: dict, model_type: str | None) -> dict:
+    """SmolLM3's `no_rope_layers` (per layer, 1: RoPE, 0: none), or by default no RoPE on every
+    `no_rope_layer_interval`-th layer, as SmolLM3Config fills it in."""
+    if model_type != "smollm3":
+        return {}
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = hf.get("no_rope_layer_interval", 4)
+        flags = [(i + 1) % every != 0 for i in range(hf["num_hidden_layers"])]
+    return dict(rope_layers=tuple(bool(flag) for flag in flags))
 
 
 def _experts(hf: dict, model_type: str | None) -> dict:
@@ -231,8 +256,14 @@ def _rope_fields(hf: dict) -> dict:
 def _attention_kinds(hf: dict, model_type: str | None) -> dict:
     """sliding_window and layer_types as transformers' modeling files use them: Mistral and Phi-3
     slide on every layer; Qwen only with use_sliding_window, from layer max_window_layers on; Gemma 2
-    alternates; Gemma 3 slides on all but every sliding_window_pattern-th layer."""
+    alternates; Gemma 3 slides on all but every sliding_window_pattern-th layer; SmolLM3, with
+    use_sliding_window, on its layers without RoPE."""
     window = hf.get("sliding_window")
+    if model_type == "smollm3" and window is not None and hf.get("layer_types") is None:
+        slides = hf.get("use_sliding_window", False)
+        kinds = ["sliding_attention" if slides and not rotates else "full_attention"
+                 for rotates in _rope_layers(hf, model_type)["rope_layers"]]
+        return dict(sliding_window=window, layer_types=tuple(kinds))
     if model_type in ("qwen2", "qwen3", "qwen3_moe") and not hf.get("use_sliding_window", False):
         window = None
     # Qwen3-MoE, when it slides, slides on every layer (it has no max_window_layers).
@@ -445,12 +476,15 @@ class LlamaModel(nnx.Module):
         if position_ids is None:
             start = 0 if cache_index is None else cache_index
             position_ids = jnp.broadcast_to(start + jnp.arange(seq), (batch, seq))
-        # One RoPE table and mask per attention kind (full, sliding) in use, stacked; each layer
-        # picks its own by index, so the scanned layer body stays the same for every layer.
-        kinds = sorted(set(config.sliding_layers))
+        # One RoPE table and mask per layer kind (full or sliding, with or without RoPE) in use,
+        # stacked; each layer picks its own by index, so the scanned layer body stays the same for
+        # every layer. A layer without RoPE rotates by cos 1, sin 0: exactly the identity.
+        kinds = sorted(set(config.layer_kinds))
         cos, sin, masks = [], [], []
-        for sliding in kinds:
+        for sliding, rotates in kinds:
             kind_cos, kind_sin = rope_cos_sin(config, position_ids, sliding)
+            if not rotates:
+                kind_cos, kind_sin = jnp.ones_like(kind_cos), jnp.zeros_like(kind_sin)
             cos.append(kind_cos)
             sin.append(kind_sin)
             window = config.sliding_window if sliding else None
@@ -458,7 +492,7 @@ class LlamaModel(nnx.Module):
                 masks.append(causal_mask(seq, attention_mask, window))
             else:
                 masks.append(cached_mask(seq, cache[0].shape[2], cache_index, attention_mask, window))
-        layer_kind = jnp.asarray([kinds.index(sliding) for sliding in config.sliding_layers], jnp.int32)
+        layer_kind = jnp.asarray([kinds.index(kind) for kind in config.layer_kinds], jnp.int32)
         h = self.embed_tokens(input_ids)
         if config.scale_embeddings:
             h = h * jnp.asarray(config.hidden_size**0.5, h.dtype)

@@ -20,6 +20,7 @@ from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_
                       save_each, sync_into_peft)
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
+from lorax.models.layers import activation
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2)
@@ -156,6 +157,77 @@ def test_fields_left_out_of_config_json_read_as_transformers_fills_them(config_c
                   **({"use_sliding_window": True} if "Qwen" in config_class.__name__ else {}))
     full = config_class(**{k: v for k, v in sparse.items() if k != "model_type"}).to_dict()
     assert LlamaConfig.from_hf(sparse) == LlamaConfig.from_hf(full)
+
+
+# config.json fields that some of transformers' models ignore or read differently from their names;
+# (config class, its fields, fields then written over in config.json as older releases spelled them).
+READ_AS_TRANSFORMERS = {
+    # only Phi-3 rotates part of each head; these rotate it whole
+    "mistral-partial-rotary": (transformers.MistralConfig, dict(partial_rotary_factor=0.5), {}),
+    "qwen2-partial-rotary": (transformers.Qwen2Config, dict(partial_rotary_factor=0.5), {}),
+    # Gemma 3 keeps Gemma 2's attn_logit_softcapping field but never caps its attention scores
+    "gemma3-attn-softcap": (transformers.Gemma3TextConfig, dict(**GEMMA, sliding_window_pattern=2,
+                                                               attn_logit_softcapping=0.5), {}),
+    # Qwen2 and Mistral build their projections without these biases, whatever config.json says
+    "qwen2-bias-fields": (transformers.Qwen2Config, {}, dict(attention_bias=True, mlp_bias=True)),
+    "mistral-bias-fields": (transformers.MistralConfig, {}, dict(attention_bias=True, mlp_bias=True)),
+    # Phi-3's older names for LongRoPE
+    "phi3-su": (transformers.Phi3Config, dict(pad_token_id=0, eos_token_id=1), dict(max_position_embeddings=32, original_max_position_embeddings=8, rope_scaling={
+        "type": "su", "short_factor": [1.0, 1.5, 2.0, 1.0], "long_factor": [2.0, 5.0, 1.0, 3.0]})),
+    "phi3-yarn-means-longrope": (transformers.Phi3Config, dict(pad_token_id=0, eos_token_id=1), dict(
+        max_position_embeddings=32, original_max_position_embeddings=4, rope_scaling={
+            "type": "yarn", "short_factor": [1.0, 1.5, 2.0, 1.0], "long_factor": [2.0, 5.0, 1.0, 3.0]})),
+}
+
+
+@pytest.mark.parametrize("case", READ_AS_TRANSFORMERS)
+def test_fields_transformers_ignores_or_renames_are_read_as_it_reads_them(case, tmp_path):
+    config_class, fields, written = READ_AS_TRANSFORMERS[case]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, **fields)).eval()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(written)
+    config.pop("rope_parameters", None) if "rope_scaling" in written else None
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = perturb_norms(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config))  # as written above, not as transformers re-spells it
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model(ids).logits.numpy()
+    graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
+    np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("config_class", [transformers.GemmaConfig, transformers.Gemma2Config,
+                                          transformers.Gemma3TextConfig], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_gemma_activation_is_the_function_transformers_runs(config_class, act):
+    """The GELU our MLP applies is the one transformers' MLP applies for the same config.json ("gelu" is
+    the tanh form in Gemma 1 only). Compared on the function itself: in a tiny model's logits the two
+    GELUs differ by less than the parity tolerance."""
+    field = "hidden_act" if config_class is transformers.GemmaConfig else "hidden_activation"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, head_dim=8, **{field: act}))
+    ours = LlamaConfig.from_hf(dict(model_type=config_class.model_type, **SMALL, head_dim=8, **{field: act}))
+    x = np.linspace(-6, 6, 2001, dtype=np.float32)
+    with torch.no_grad():
+        theirs = model.model.layers[0].mlp.act_fn(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(activation(ours.hidden_act)(jnp.asarray(x))), theirs,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("config_class", [transformers.GemmaConfig, transformers.Gemma2Config,
+                                          transformers.Gemma3TextConfig], ids=lambda c: c.__name__)
+def test_bidirectional_gemma_is_refused(config_class, tmp_path):
+    """use_bidirectional_attention makes transformers' Gemma an encoder; ours attends causally, so it says so
+    rather than load a model whose logits differ."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config_class(**SMALL, head_dim=8, use_bidirectional_attention=True))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="use_bidirectional_attention"):
+        interop.from_pretrained(tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("variant", ["llama3", "phi3-longrope", "gemma3"])

@@ -50,6 +50,11 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
 }
 ATTENTION_KINDS = ("full_attention", "sliding_attention")  # transformers' layer_types values
+# The model types whose transformers modeling file reads config.attention_bias / config.mlp_bias; the
+# others (Mistral, Mixtral, Qwen2, Phi-3, Ministral 3) build their projections without them, whatever
+# config.json says.
+ATTENTION_BIAS_TYPES = ("llama", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text", "smollm3")
+MLP_BIAS_TYPES = ("llama", "smollm3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +161,22 @@ class LlamaConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in fields and k not in ("rope_scaling", "dtype", "layer_types")}
         values["head_dim"] = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-        values.update(_rope_fields(hf))
+        values.update(_rope_fields(hf, model_type))
         values.update(_attention_kinds(hf, model_type))
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         gemma = model_type in ("gemma", "gemma2", "gemma3_text")
-        # Gemma's config.json says "gelu" but means the tanh approximation (transformers' GemmaConfig maps it).
-        values["hidden_act"] = "gelu_pytorch_tanh" if gemma and act == "gelu" else act
+        # Gemma 1's config.json says "gelu" but means the tanh approximation (transformers' GemmaConfig maps
+        # it; Gemma 2's and 3's configs do not, and their models use the exact GELU).
+        values["hidden_act"] = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act
+        if gemma and hf.get("use_bidirectional_attention"):
+            raise NotImplementedError(f"{model_type} with use_bidirectional_attention (an encoder, e.g. EmbeddingGemma) "
+                                      "is not supported yet: our Gemma attends causally")
+        if model_type == "gemma3_text":
+            values["attn_logit_softcapping"] = None  # transformers' Gemma3Attention keeps the field but never applies it
         activation(values["hidden_act"])  # an unsupported activation fails here, by name
         values.update(
+            attention_bias=bool(hf.get("attention_bias")) and model_type in ATTENTION_BIAS_TYPES,
+            mlp_bias=bool(hf.get("mlp_bias")) and model_type in MLP_BIAS_TYPES,
             fused_projections=model_type == "phi3",
             qkv_bias=model_type == "qwen2",  # Qwen2's q/k/v projections always carry a bias
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
@@ -209,6 +222,9 @@ def _rope_type(rope: dict, hf: dict, default_theta: float) -> tuple[float, tuple
     rope = {k: tuple(v) if isinstance(v, list) else v for k, v in rope.items() if k != "partial_rotary_factor"}
     theta = rope.pop("rope_theta", default_theta)
     rope_type = rope.setdefault("rope_type", rope.pop("type", "default"))
+    if hf.get("model_type") == "phi3" and rope_type in ("su", "yarn"):
+        # Phi3Config reads both older names as LongRoPE (its "yarn" is not YaRN).
+        rope_type = rope["rope_type"] = "longrope"
     if rope_type not in ROPE_TYPES:
         raise NotImplementedError(f"rope type {rope_type!r} is not supported yet (supported: {', '.join(ROPE_TYPES)})")
     if rope_type in ("longrope", "yarn"):  # the defaults transformers' _compute_*_parameters fill in
@@ -234,9 +250,10 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _rope_fields(hf: dict) -> dict:
+def _rope_fields(hf: dict, model_type: str | None = None) -> dict:
     """rope_theta, rope_scaling, local_rope_theta and partial_rotary_factor from any of
-    transformers' spellings."""
+    transformers' spellings. Only Phi-3 rotates part of each head: the other models' RoPE
+    ignores a partial_rotary_factor in their config.json."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     full = rope.get("full_attention", rope)
     # Ministral 3 keeps its query scaling beside the RoPE parameters; the other keys there are not RoPE's.
@@ -248,7 +265,7 @@ def _rope_fields(hf: dict) -> dict:
         local, local_scaling = _rope_type(rope["sliding_attention"], hf, local or theta)
         if local_scaling is not None:
             raise NotImplementedError("RoPE scaling on sliding-window layers is not supported yet")
-    partial = full.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0
+    partial = (full.get("partial_rotary_factor", hf.get("partial_rotary_factor")) or 1.0) if model_type == "phi3" else 1.0
     return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local, partial_rotary_factor=partial,
                 llama_4_scaling_beta=beta)
 

@@ -81,4 +81,5 @@ class SparseMoeBlock(nnx.Module):
         out = self.experts(h[token], group_sizes)
         weighted = out.astype(jnp.float32) * weights.reshape(-1)[order, None]
         summed = jnp.zeros(h.shape, jnp.float32).at[token].add(weighted)
-        return summed.astype(h.dtype).reshape(shape)
+        # The compute dtype, as a dense MLP's Linear returns it (not h's: an fp32 norm's output).
+        return summed.astype(self.experts.dtype).reshape(shape)

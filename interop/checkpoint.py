@@ -1,5 +1,5 @@
-"""Checkpoint files: reading tensor by tensor from safetensors (single or sharded with an index)
-and PyTorch `.bin` (only with `torch.load(weights_only=True)`); writing a set of files so that an
+"""Checkpoint files: reading tensor by tensor from safetensors and PyTorch `.bin` (single files or
+shards with an index; `.bin` only with `torch.load(weights_only=True)`); writing a set of files so that an
 interrupted save leaves the previous ones whole (`atomic_write`).
 
 safetensors files are memory-mapped and read with numpy: the `safetensors` package's numpy
@@ -13,9 +13,11 @@ reading it here is short; every offset is checked so a truncated file is named, 
 """
 
 import json
+import math
 import os
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from lorax.errors import LoraError
+from lorax.errors import LoraError, listing
 
 
 class CheckpointError(LoraError, OSError):
@@ -36,33 +38,83 @@ SAFETENSORS_DTYPES = {
 }
 
 
+# transformers' file names, in the order it prefers them: a single file, else an index of shards.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a Hugging Face folder, in the order transformers prefers them."""
-    folder = Path(folder)
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({error})") from None
-        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    return _weight_files(Path(folder))[1]
+
+
+def _weight_files(folder: Path) -> tuple[Path | None, list[Path]]:
+    """(the index, or None for a single file; the weight files)."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return None, [path]
+        files = [folder / shard for shard in dict.fromkeys(read_index(path).values())]
+        if not files:
+            raise CheckpointError(f"{path} lists no shards (its weight_map is empty)")
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{index} lists shards that are not in the folder: {missing}")
-        return files
-    if (folder / "pytorch_model.bin").is_file():
-        return [folder / "pytorch_model.bin"]
+            raise CheckpointError(f"{path} lists shards that are not in the folder: {missing}")
+        return path, files
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    raise CheckpointError(
-        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json or "
-        f"pytorch_model.bin; found {present or 'nothing'}"
-    )
+    raise CheckpointError(f"no weights in {folder}: expected {', '.join(WEIGHT_FILES)}; found {present or 'nothing'}")
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for each tensor of a safetensors file, memory-mapped (no copy)."""
+def read_index(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's weight_map (tensor name -> shard file name), checked: the shards are
+    plain file names in the index's folder (not paths that leave it)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(error).__name__}: {error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    outside = sorted({shard for shard in weight_map.values() if Path(shard).name != shard or shard in ("", ".", "..")})
+    if outside:
+        raise CheckpointError(f"{index}: shard names must be file names in its folder, not paths: {outside}")
+    return weight_map
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise ValueError(f"tensors named more than once: {repeated}")
+    return dict(pairs)
+
+
+def _check_entry(path: Path, name: str, info: Any) -> tuple[Any, tuple[int, ...], int, int]:
+    """(numpy dtype, shape, start, end) of one header entry, or a CheckpointError naming the file and tensor."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} needs dtype, shape and data_offsets, "
+                              f"has {info!r}"[:500])
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}, which is not supported "
+                              f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has data_offsets {offsets!r}")
+    start, end = offsets
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if end - start != nbytes:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} of shape {tuple(shape)} and dtype "
+                              f"{info['dtype']} needs {nbytes} bytes, its data_offsets span {end - start}")
+    return dtype, tuple(shape), start, end
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, tuple[Any, tuple[int, ...], int, int]]]:
+    """(where the data starts, name -> (dtype, shape, start, end)) of a safetensors file, every entry
+    checked against the format and the file's size: a truncated or corrupt file is named, not misread."""
     size = path.stat().st_size
     with open(path, "rb") as file:
         head = file.read(8)
@@ -73,41 +125,105 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of {header_size} bytes, "
                                   f"file of {size})")
         try:
-            header = json.loads(file.read(header_size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            header = json.loads(file.read(header_size), object_pairs_hook=_unique_keys)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
             raise CheckpointError(f"{path}: corrupt safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size) if size > 8 + header_size else np.zeros(0, np.uint8)
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which is not supported")
-        if end > data.size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes {start}..{end} of "
-                                  f"{data.size}")
-        yield name, data[start:end].view(dtype).reshape(info["shape"])
+    data_size = size - 8 - header_size
+    entries = {name: _check_entry(path, name, info) for name, info in header.items()}
+    spans = sorted((start, end, name) for name, (_, _, start, end) in entries.items() if end > start)
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {name!r} and {other!r} overlap")
+    if spans and spans[-1][1] > data_size:
+        _, end, name = max(spans, key=lambda span: span[1])
+        raise CheckpointError(f"{path}: truncated: tensor {name!r} needs bytes up to {end} of the {data_size} "
+                              "after the header")
+    return 8 + header_size, entries
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) for each tensor of a safetensors file, memory-mapped (no copy)."""
+    data_start, entries = safetensors_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if path.stat().st_size > data_start \
+        else np.zeros(0, np.uint8)
+    for name, (dtype, shape, start, end) in entries.items():
+        yield name, data[start:end].view(dtype).reshape(shape)
 
 
 def read_torch_bin(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for each tensor of a PyTorch `.bin`, loaded with weights_only=True (no pickled code runs)."""
     import torch
 
+    TORCH_DTYPES = (torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                    torch.uint8, torch.bool)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapped where the file is torch's zip format; a legacy (pre-1.6) file cannot be mapped.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises many types for a bad file; say which file
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True ({error})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
     for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(tensor).__name__}, not a tensor "
+                                  "(expected a flat state dict, as model.state_dict() saves it)")
         if tensor.dtype == torch.bfloat16:
             yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
+        elif tensor.dtype in TORCH_DTYPES:
             yield name, tensor.numpy()
+        else:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, which is not supported "
+                                  f"(supported: bfloat16, {', '.join(str(d) for d in TORCH_DTYPES)})")
 
 
 def read_tensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Every (name, array) of a Hugging Face checkpoint folder, one tensor at a time."""
-    for path in checkpoint_files(folder):
-        yield from (read_torch_bin(path) if path.suffix == ".bin" else read_safetensors(path))
+    """Every (name, array) of a Hugging Face checkpoint folder, one tensor at a time. A sharded
+    checkpoint's shards must hold exactly the tensors its index places in them."""
+    index, files = _weight_files(Path(folder))
+    if index is not None:
+        yield from _read_shards(index, read_index(index), files)
+        return
+    (path,) = files
+    yield from (read_torch_bin(path) if path.suffix == ".bin" else read_safetensors(path))
+
+
+def _read_shards(index: Path, weight_map: dict[str, str], files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors of every shard, each checked to be in the shard the index names, once. Safetensors
+    shards are checked from their headers before any tensor is read; .bin shards as they load."""
+    found: dict[str, str] = {}
+
+    def place(name: str, shard: str):
+        if name in found:
+            raise CheckpointError(f"{index} does not match its shards: tensor {name!r} is in both {found[name]} "
+                                  f"and {shard}")
+        found[name] = shard
+
+    def check_complete():
+        misplaced = sorted(f"{name!r} is listed in {weight_map[name]}, found in {shard}" for name, shard in found.items()
+                           if weight_map.get(name, shard) != shard)
+        unlisted, absent = sorted(set(found) - set(weight_map)), sorted(set(weight_map) - set(found))
+        if misplaced or unlisted or absent:
+            raise CheckpointError(f"{index} does not match its shards: "
+                                  + (f"tensor {listing(misplaced)}. " if misplaced else "")
+                                  + (f"not in the index: {listing(unlisted)}. " if unlisted else "")
+                                  + (f"listed but in no shard: {listing(absent)}." if absent else ""))
+
+    if files[0].suffix == ".safetensors":
+        for path in files:
+            for name in safetensors_header(path)[1]:
+                place(name, path.name)
+        check_complete()
+        for path in files:
+            yield from read_safetensors(path)
+        return
+    for path in files:
+        for name, tensor in read_torch_bin(path):
+            place(name, path.name)
+            yield name, tensor
+    check_complete()
 
 
 def count_tensors(folder: str | os.PathLike) -> int | None:
@@ -117,12 +233,9 @@ def count_tensors(folder: str | os.PathLike) -> int | None:
         if path.suffix == ".bin":
             return None
         try:
-            with open(path, "rb") as file:
-                (header_size,) = struct.unpack("<Q", file.read(8))
-                header = json.loads(file.read(header_size))
-        except (struct.error, ValueError, OSError):
+            total += len(safetensors_header(path)[1])
+        except (CheckpointError, OSError):
             return None  # read_tensors will name the bad file
-        total += len(header) - ("__metadata__" in header)
     return total
 
 

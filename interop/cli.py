@@ -71,25 +71,60 @@ def inspect(args) -> None:
         lorax.print_trainable_parameters(lorax.lora(params, _config(args), key=jax.random.key(0), output_head=head))
 
 
-def _dataset(path: str, model_dir: str, max_length: int) -> dict:
-    """JSONL records with "input_ids" (token lists) or "text" (tokenized with the model's tokenizer.json)."""
+def _records(path: str) -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-empty line; a bad line is named by its number."""
     from lorax.errors import LoraError
 
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LoraError(f"{path}, line {number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise LoraError(f"{path}, line {number}: a record must be a JSON object, not {type(record).__name__}")
+        records.append((number, record))
     if not records:
         raise LoraError(f"{path} holds no records")
+    return records
+
+
+def _dataset(path: str, model_dir: str, max_length: int, vocab_size: int) -> dict:
+    """JSONL records with "input_ids" (token lists) or "text" (tokenized with the model's tokenizer.json).
+    Token ids outside the model's vocabulary are refused: JAX would clamp them silently (and train on
+    another token), or the loss would turn NaN."""
+    from lorax.errors import LoraError
+
+    numbered = _records(path)
+    records = [record for _, record in numbered]
     if all("input_ids" in r for r in records):
+        for number, record in numbered:
+            ids = record["input_ids"]
+            if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+                raise LoraError(f"{path}, line {number}: input_ids must be a list of integers")
         sequences = [list(r["input_ids"])[:max_length] for r in records]
     elif all("text" in r for r in records):
         tokenizer_file = Path(model_dir) / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise LoraError(f"{path} has text records but {model_dir} has no tokenizer.json; give input_ids instead")
+        for number, record in numbered:
+            if not isinstance(record["text"], str):
+                raise LoraError(f"{path}, line {number}: text must be a string")
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
         sequences = [e.ids[:max_length] for e in tokenizer.encode_batch([r["text"] for r in records])]
     else:
         raise LoraError(f"every record of {path} needs an \"input_ids\" list or a \"text\" string")
+    for (number, _), sequence in zip(numbered, sequences):
+        if not sequence:
+            raise LoraError(f"{path}, line {number}: the record has no tokens")
+        outside = [i for i in sequence if not 0 <= i < vocab_size]
+        if outside:
+            raise LoraError(f"{path}, line {number}: token id {outside[0]} is outside the model's vocabulary "
+                            f"(0..{vocab_size - 1})")
     length = max(len(s) for s in sequences)
     ids = np.zeros((len(sequences), length), np.int32)
     mask = np.zeros_like(ids)
@@ -107,7 +142,7 @@ def finetune(args) -> None:
     from lorax.train import Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_train_step
 
     model, graphdef, base = _load(args.model, args.dtype)
-    data = _dataset(args.data, args.model, args.max_length)
+    data = _dataset(args.data, args.model, args.max_length, model.config.vocab_size)
     config = _config(args)
     quantize = lorax.QuantConfig(args.quantize, double_quant=True) if args.quantize else None
     params = lorax.lora(base, config, key=jax.random.key(args.seed), output_head=getattr(model, "output_head", None),
@@ -203,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (LoraError, OSError, ValueError) as error:
+    except (LoraError, OSError, ValueError, NotImplementedError) as error:
         print(f"lorax-jax: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -253,9 +253,30 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no config.json in {folder}: from_pretrained needs a transformers model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not a model config (an object of fields)")
+    return config
+
+
+def read_model_config(folder: Path, hf_config: dict, arch: Architecture, **fields):
+    """Our config from config.json's fields; a field that is missing or of the wrong type is named with the file."""
+    path = folder / "config.json"
+    try:
+        config = arch.config_class.from_hf(model_config(hf_config, arch), **fields)
+    except KeyError as error:
+        raise CheckpointError(f"{path}: field {error} is missing (needed for {arch.model_class.__name__})") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as error:
+        raise CheckpointError(f"{path}: cannot be read as {arch.model_class.__name__}'s config "
+                              f"({type(error).__name__}: {error})") from None
+    # The sizes every model needs (the fields without a default) must be positive whole numbers.
+    bad = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.type in (int, "int")
+           and f.default is dataclasses.MISSING and not (type(getattr(config, f.name)) is int and getattr(config, f.name) > 0)}
+    if bad:
+        raise CheckpointError(f"{path}: these sizes must be positive integers: {bad}")
+    return config
 
 
 def model_config(hf_config: dict, arch: Architecture) -> dict:
@@ -319,6 +340,7 @@ class _Plan:
     slots: dict[str, Slot]
     copies: list[Copy] = dataclasses.field(default_factory=list)
     sources: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # our tensor name -> the file's
+    names: dict[str, str] = dataclasses.field(default_factory=dict)  # our tensor name -> the file's name for it
     unexpected: list[str] = dataclasses.field(default_factory=list)
     stored_head: np.ndarray | None = None  # lm_head.weight of a tied model's checkpoint
     skipped: int = 0
@@ -326,10 +348,17 @@ class _Plan:
     def fill(self, key: str, tensor: np.ndarray, name: str | None = None):
         """Copy the checkpoint's tensor `name` (default: `key`) into our tensor `key`, once it is checked."""
         slot = self.slots[key]
+        if key in self.names:  # e.g. "bert.x" and "x", or "x.gamma" and "x.weight": which one would be loaded?
+            raise CheckpointError(f"tensors {self.names[key]!r} and {name or key!r} both load into the model's {key!r}")
+        self.names[key] = name or key
+        target = leaf_at(self.arrays, slot.leaf)
+        if _floating(target.dtype) and not _floating(tensor.dtype):
+            raise CheckpointError(f"tensor {name or key!r} has dtype {tensor.dtype}, the model expects floating-point "
+                                  "weights")
         if tuple(tensor.shape) != slot.shape:
             raise CheckpointError(f"tensor {name or key!r} has shape {tuple(tensor.shape)}, the model expects {slot.shape} "
                                   f"(config.json and the weights disagree)")
-        self.copies.append(Copy(leaf_at(self.arrays, slot.leaf)[slot.index], tensor, slot.transpose))
+        self.copies.append(Copy(target[slot.index], tensor, slot.transpose))
         self.sources[key] = tensor
 
     def check(self, folder: Path, arch: Architecture):
@@ -373,6 +402,10 @@ def _plan(folder: Path, arch: Architecture, config, quantized_names: list[str] |
     return plan
 
 
+def _floating(dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16
+
+
 def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
     """torch.equal, as transformers decides whether a stored head is the tied embeddings (same bytes)."""
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
@@ -411,7 +444,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.
     names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
     overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}
-    config = arch.config_class.from_hf(model_config(hf_config, arch), dtype=dtype, param_dtype=param_dtype, **overrides)
+    config = read_model_config(folder, hf_config, arch, dtype=dtype, param_dtype=param_dtype, **overrides)
     plan = _plan(folder, arch, config, names if quantized else None, progress)
     if plan.stored_head is not None:
         embedding = plan.sources.get(arch.input_embedding)

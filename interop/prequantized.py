@@ -45,6 +45,9 @@ def check_quantization(hf_config: dict) -> bool:
     quantization = hf_config.get("quantization_config")
     if not quantization:
         return False
+    if not isinstance(quantization, dict):
+        raise CheckpointError(f"config.json's quantization_config is a {type(quantization).__name__}, not an object of "
+                              "fields (as BitsAndBytesConfig.to_dict() writes it)")
     method = quantization.get("quant_method", "bitsandbytes")
     four_bit = quantization.get("load_in_4bit", quantization.get("_load_in_4bit", False))
     eight_bit = quantization.get("load_in_8bit", quantization.get("_load_in_8bit", False))

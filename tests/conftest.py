@@ -196,6 +196,42 @@ def save_each(tmp_path_factory, variants, hf_model) -> dict:
     return out
 
 
+# How a test saves a transformers model: transformers 5's save_pretrained writes safetensors only
+# (safe_serialization=False is ignored), so the .bin saves hold the very tensors it wrote, under
+# the names and in the files (pytorch_model.bin, or pytorch_model-0000k-of-0000n.bin with
+# pytorch_model.bin.index.json) that transformers 4 wrote and transformers 5 still reads.
+SAVES = ("safetensors", "bin", "sharded", "sharded-bin")
+
+
+def save_checkpoint(model, folder, save: str, max_shard_size: str = "40KB"):
+    """`model.save_pretrained(folder)` in one of SAVES' formats. Returns `folder`."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if save.startswith("sharded") else {}))
+    index = folder / "model.safetensors.index.json"
+    assert index.is_file() == save.startswith("sharded"), f"{save}: {sorted(p.name for p in folder.iterdir())}"
+    if not save.endswith("bin"):
+        return folder
+    if save == "bin":
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+        return folder
+    content = json.loads(index.read_text())
+    shards = {name: name.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+              for name in set(content["weight_map"].values())}
+    for name, bin_name in shards.items():
+        torch.save(load_file(folder / name), folder / bin_name)
+        (folder / name).unlink()
+    content["weight_map"] = {tensor: shards[name] for tensor, name in content["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(content, indent=2))
+    index.unlink()
+    return folder
+
+
 def padded_tokens(vocab_size: int, batch=2, length=9, seed=0):
     """Random token ids (torch) and an attention mask whose first row is left-padded by 3."""
     ids = torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))

@@ -2,6 +2,7 @@
 loads, merge writes a checkpoint transformers loads, bad input is one line."""
 
 import json
+import re
 
 import numpy as np
 import peft
@@ -74,6 +75,27 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
         main(["finetune", "--model", str(model_dir)])
     assert exit_info.value.code == 2
     assert "the following arguments are required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"input_ids": [1, 2, 64]}'], r"data.jsonl, line 1: token id 64 is outside the model's vocabulary \(0..63\)"),
+    (['{"input_ids": [1, 2]}', '{"input_ids": [-1]}'], r"line 2: token id -1 is outside"),
+    (['{"input_ids": [1, 2]}', "", '{"input_ids": [1, 2'], r"data.jsonl, line 3: not valid JSON"),
+    (['[1, 2, 3]'], r"line 1: a record must be a JSON object, not list"),
+    (['{"input_ids": "1 2 3"}'], r"line 1: input_ids must be a list of integers"),
+    (['{"input_ids": []}'], r"line 1: the record has no tokens"),
+])
+def test_bad_training_data_is_named_before_training(model_dir, tmp_path, capsys, lines, message):
+    """Out-of-vocabulary ids would be clamped by JAX's gather (training on another token) or give a
+    NaN loss, with an adapter written and exit code 0; they are refused, with the line, first."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    assert main(["finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+                 "--target-modules", "q_proj", "--steps", "1"]) == 2
+    err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after the loading bar
+    assert err.startswith("lorax-jax: error: "), err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out" / "adapter").exists()
 
 
 def test_finetune_qlora_bf16_remat(model_dir, tmp_path):

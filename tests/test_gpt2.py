@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import adapted_paths, lorax_line, peft_line, perturb_trained_leaves, sync_into_peft
+from conftest import SAVES, adapted_paths, lorax_line, peft_line, perturb_trained_leaves, save_checkpoint, sync_into_peft
 from lorax.models.generate import generate
 
 # A larger initializer_range than GPT-2's 0.02: the tiny model's predictions then depend on the
@@ -28,7 +28,7 @@ VARIANTS = {
 }
 # One jitted function for every test: it compiles once per model and tree structure.
 apply = jax.jit(lorax.apply)
-SAVES = {"safetensors": {}, "bin": dict(safe_serialization=False), "sharded": dict(max_shard_size="20KB")}
+SHARD_SIZE = "20KB"  # a few shards of the tiny model
 
 
 def hf_model(variant="gpt2", model_class=transformers.GPT2LMHeadModel):
@@ -72,9 +72,7 @@ def assert_same_outputs(graphdef, params, torch_model, output="logits"):
 @pytest.mark.parametrize("save", SAVES)
 def test_logits_equal_transformers(save, tmp_path):
     model = hf_model()
-    model.save_pretrained(tmp_path, **SAVES[save])
-    if save == "sharded":
-        assert (tmp_path / "model.safetensors.index.json").is_file()
+    save_checkpoint(model, tmp_path, save, SHARD_SIZE)
     loaded = interop.from_pretrained(tmp_path, progress=False)
     assert isinstance(loaded, lorax.models.GPT2LMHeadModel)
     assert_same_outputs(*lorax.split(loaded), model)

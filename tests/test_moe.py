@@ -16,8 +16,8 @@ import transformers
 
 import interop
 import lorax
-from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms, save_each,
-                      sync_into_peft)
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms, save_checkpoint,
+                      save_each, sync_into_peft)
 from interop.checkpoint import read_tensors
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
@@ -97,9 +97,9 @@ def test_sharded_and_bin_saves_load(tmp_path):
     ids, _ = tokens()
     with torch.no_grad():
         theirs = model(ids).logits.numpy()
-    for name, save in {"sharded": dict(max_shard_size="40KB"), "bin": dict(safe_serialization=False)}.items():
-        model.save_pretrained(tmp_path / name, **save)
-        graphdef, params = lorax.split(interop.from_pretrained(tmp_path / name, progress=False))
+    for save in ("sharded", "bin", "sharded-bin"):
+        save_checkpoint(model, tmp_path / save, save, "40KB")
+        graphdef, params = lorax.split(interop.from_pretrained(tmp_path / save, progress=False))
         np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
 
 

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import atomic_write, leaf_at
-from interop.hf import architecture_for, checkpoint_slots, model_config, renamed
+from interop.checkpoint import CheckpointError, atomic_write, leaf_at, read_index
+from interop.hf import abstract_model, architecture_for, checkpoint_slots, model_config, renamed
 from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
 from lorax.errors import LoraError, listing
+from lorax.nf4 import Nf4Array
+from lorax.targets import leaves_by_path
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -39,6 +41,46 @@ def _shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
         current.append(name)
         size += nbytes
     return shards + [current]
+
+
+def _check_params(params: Any, model) -> None:
+    """params must be the model's own tree: the same leaves, shapes and floating dtypes, dense.
+    Anything else would be written as a checkpoint transformers refuses, or loads wrongly."""
+    quantized = [path for path, leaf in leaves_by_path(params) if isinstance(leaf, Nf4Array)]
+    if quantized:
+        raise LoraError(f"params hold 4-bit weights ({listing(quantized)}); save_merged writes dense weights: pass "
+                        "lorax.merge(params) without requantize=True")
+    _, abstract = abstract_model(type(model), model.config)
+    ours, expected = dict(leaves_by_path(params)), dict(leaves_by_path(abstract))
+    missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
+    if missing or unexpected:
+        raise LoraError(f"params are not {type(model).__name__}'s tree"
+                        + (f"; missing: {listing(missing)}" if missing else "")
+                        + (f"; unexpected: {listing(unexpected)}" if unexpected else ""))
+    for path, leaf in ours.items():
+        if tuple(leaf.shape) != tuple(expected[path].shape):
+            raise LoraError(f"params[{path!r}] has shape {tuple(leaf.shape)}, {type(model).__name__} needs "
+                            f"{tuple(expected[path].shape)}")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise LoraError(f"params[{path!r}] has dtype {leaf.dtype}; save_merged writes floating-point weights")
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    try:
+        dtype = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise LoraError(f"dtype {dtype!r} is not a dtype; use float32, bfloat16 or float16") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise LoraError(f"dtype {dtype} is not a floating-point dtype; use float32, bfloat16 or float16")
+    return dtype
+
+
+def _previous_shards(folder: Path) -> set[str]:
+    """The shard files a previous sharded save in `folder` lists (none if its index is unreadable)."""
+    try:
+        return {shard for shard in read_index(folder / INDEX).values() if shard.endswith(".safetensors")}
+    except (OSError, CheckpointError):
+        return set()
 
 
 def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: Any = None,
@@ -58,20 +100,33 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         dtype: dtype of the written tensors (default: as they are); recorded in config.json.
         max_shard_size: shard size limit in bytes.
         progress: show a tqdm bar while each shard's tensors are copied.
+
+    Raises:
+        LoraError: params that still hold adapters or 4-bit weights, or are not the graphdef's
+            tree (leaves, shapes, floating dtypes: the offending leaf is named); a dtype that is
+            not floating point; max_shard_size not a positive int. Nothing is written then.
     """
     from safetensors.numpy import save_file
 
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params still hold adapters: pass lorax.merge(params) to save_merged")
-    model = graphdef.module(params)
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise LoraError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    if dtype is not None:
+        dtype = _float_dtype(dtype)
+    try:
+        model = graphdef.module(params)
+    except ValueError as error:  # a leaf missing or added: nnx counts them
+        raise LoraError(f"params do not fit graphdef ({error}): pass the tree lorax.split returned, merged") from None
     config_json = getattr(model, "hf_config_json", None)
     if config_json is None:
         raise LoraError("save_merged needs the model's Hugging Face config: load the model with "
                         "interop.from_pretrained (it remembers config.json)")
+    _check_params(params, model)
     arch = architecture_for(model)
     # A text-only vision-language model is written as its language model's causal LM (Gemma 3 4B -> Gemma3ForCausalLM).
     slots = {renamed(name, arch.merged_renames): slot for name, slot in checkpoint_slots(params, arch).items()}
-    dtypes = {name: np.dtype(jnp.dtype(dtype) if dtype is not None else leaf_at(params, slot.leaf).dtype)
+    dtypes = {name: dtype if dtype is not None else np.dtype(leaf_at(params, slot.leaf).dtype)
               for name, slot in slots.items()}
     sizes = {name: dtypes[name].itemsize * int(np.prod(slot.shape)) for name, slot in slots.items()}
     shards = _shards(sizes, max_shard_size)
@@ -113,7 +168,8 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
             weight_map.update(dict.fromkeys(names, name))
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         files[INDEX] = json.dumps(index, indent=2, sort_keys=True).encode()
-    stale = [name for name in (WEIGHTS, INDEX) if (folder / name).exists() and name not in files]
+    # A previous single-file or sharded save, which would shadow this one or lie beside it.
+    stale = [name for name in ({WEIGHTS, INDEX} | _previous_shards(folder)) - set(files) if (folder / name).is_file()]
     atomic_write(folder, files)
-    for name in stale:  # a previous single-file or sharded save that would shadow this one
+    for name in sorted(stale):
         os.remove(folder / name)

@@ -417,7 +417,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
 
     Args:
         path: a folder with config.json and model.safetensors, a sharded
-            model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True).
+            model.safetensors.index.json, or pytorch_model.bin / a sharded
+            pytorch_model.bin.index.json (read with torch.load(weights_only=True)).
         dtype: the compute dtype (float32 or bfloat16).
         param_dtype: the stored parameter dtype; defaults to `dtype`.
         progress: show a tqdm bar while tensors stream in.

@@ -36,7 +36,7 @@ from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, 
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
 from lorax.targets import STACK, dotted, leaves_by_path, modules
-from lorax.transform import lora
+from lorax.transform import disable_adapters, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -261,6 +261,46 @@ def as_plain_lora(params: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
     )
 
 
+def _adapter_layout(params: Any) -> dict[str, tuple]:
+    """What an adapter file records of each adapted or trained leaf: its kind and shapes, its
+    layers' ranks, and its scale (lora_alpha / r)."""
+    layout = {}
+    for path, leaf in leaves_by_path(params):
+        if isinstance(leaf, LoraArray):
+            layout[path] = (type(leaf).__name__, tuple(leaf.a.shape), tuple(leaf.b.shape), leaf.ranks)
+        elif isinstance(leaf, TrainableArray):
+            layout[path] = ("trained", tuple(leaf.value.shape), None, None)
+    return layout
+
+
+def _scales(params: Any) -> dict[str, np.ndarray]:
+    return {path: np.asarray(leaf.scale, np.float64) for path, leaf in leaves_by_path(params)
+            if isinstance(leaf, LoraArray)}
+
+
+def check_config(params: Any, config: LoraConfig) -> None:
+    """`config` must be the one `params` were made with: adapter_config.json tells peft (and
+    `load_adapter`) which modules are adapted, with what rank and lora_alpha, so another config
+    would write a file that loads wrongly or not at all. Checked by making the adapters again
+    from params' base with `config` (plain init: only the layout is compared)."""
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"config must be the lorax.LoraConfig the params were made with, not {type(config).__name__}")
+    base = disable_adapters(params)
+    # peft's "all-linear" leaves out the output head, as lorax.lora(..., output_head="lm_head") does.
+    head = TIED_HEAD if TIED_HEAD in modules(base) else None
+    remade = lora(base, dataclasses.replace(config, init_lora_weights=True), key=jax.random.key(0), output_head=head)
+    ours, theirs = _adapter_layout(params), _adapter_layout(remade)
+    ours_scale, theirs_scale = _scales(params), _scales(remade)
+    differences = [f"{path}: params {ours.get(path, 'not adapted')}, config {theirs.get(path, 'not adapted')}"
+                   for path in sorted(set(ours) | set(theirs)) if ours.get(path) != theirs.get(path)]
+    differences += [f"{path}: params scale {ours_scale[path].tolist()}, config (lora_alpha / r) {theirs_scale[path].tolist()}"
+                    for path in sorted(set(ours_scale) & set(theirs_scale)) if not differences
+                    and not np.allclose(ours_scale[path], theirs_scale[path], rtol=1e-2)]
+    if differences:
+        raise LoraError("config is not the one these params were made with (adapter_config.json would not describe "
+                        f"the adapters): {listing(differences)}")
+
+
 def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
                  base_model_name_or_path: str | None = None, *, initial: Any = None) -> None:
     """Write params' adapters in peft's format: `PeftModel.from_pretrained(model, directory)` loads them.
@@ -268,7 +308,8 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
     Args:
         directory: the adapter folder (created if needed; previous files are replaced atomically).
         params: a tree from `lorax.lora` (after training).
-        config: the LoraConfig used to make it.
+        config: the LoraConfig used to make it (checked: another rank, lora_alpha or set of
+            modules would write an adapter_config.json that does not describe the tensors).
         base_model_name_or_path: recorded in adapter_config.json, as peft does.
         initial: for PiSSA/OLoRA (init_lora_weights "pissa", "pissa_niter_<n>", "olora"), the tree
             `lorax.lora` returned before training: the adapter is then written as a plain LoRA
@@ -277,13 +318,14 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
             adapter is written as trained, with its init in the config; peft (and `load_adapter`)
             then recompute the residual from the original base when loading.
     """
+    if not any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
+        raise LoraError("params hold no adapters to save: call lorax.lora(params, config, key=...) first")
+    check_config(params, config)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     if initial is not None:
         params, config = as_plain_lora(params, initial, config)
     tensors = adapter_state(params)
-    if not tensors:
-        raise LoraError("params hold no adapters to save: call lorax.lora(params, config, key=...) first")
     tensors |= tied_head_state(params, config)
     config_json = json.dumps(adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
     atomic_write(folder, {ADAPTER_WEIGHTS: _safetensors_bytes(tensors), ADAPTER_CONFIG: config_json.encode()})
@@ -298,6 +340,8 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: must hold a JSON object (peft's LoraConfig fields), not {type(raw).__name__}")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA') load")
@@ -347,6 +391,9 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     shapes = {name: value.shape for name, value in expected.items()}
     shapes |= {name: shape for name, (_, shape) in bases.items() if name in tensors}
     for name, shape in shapes.items():
+        if not jnp.issubdtype(tensors[name].dtype, jnp.floating):
+            raise CheckpointError(f"{weights}: tensor {name!r} has dtype {tensors[name].dtype}; adapter weights are "
+                                  "floating-point")
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{weights}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the base model "
                                   f"needs {shape} (an adapter for another model?)")

@@ -173,6 +173,9 @@ def _nf4_layer(weight: str, tensors: dict[str, np.ndarray], expected: tuple[int,
             raise CheckpointError(f"{weight}: double quantization other than bitsandbytes' (dynamic map, blocks of "
                                   "256, uint8 codes) is not supported")
         nested_absmax = tensors["nested_absmax"].astype(np.float32).reshape(-1)
+        if isinstance(state["nested_offset"], bool) or not isinstance(state["nested_offset"], (int, float)):
+            raise CheckpointError(f"{weight}: quant_state's nested_offset must be a number, got "
+                                  f"{state['nested_offset']!r}")
         offset = np.float32(state["nested_offset"])
     elif absmax.dtype != np.float32:
         raise CheckpointError(f"{weight}.absmax is {absmax.dtype} without double quantization; expected float32")

@@ -135,12 +135,22 @@ def _reject_unknown_fields(init):
 LoraConfig.__init__ = _reject_unknown_fields(LoraConfig.__init__)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(c: LoraConfig) -> None:
     def fail(message):
         raise LoraConfigError(message)
 
     if not isinstance(c.r, int) or isinstance(c.r, bool) or c.r <= 0:
         fail(f"r must be a positive integer, got {c.r!r}")
+    # Any finite number, as in peft (a negative or zero alpha is odd but well defined).
+    if not _is_number(c.lora_alpha):
+        fail(f"lora_alpha must be a number, got {c.lora_alpha!r}")
+    for name, alpha in c.alpha_pattern.items():
+        if not _is_number(alpha):
+            fail(f"alpha_pattern[{name!r}] must be a number, got {alpha!r}")
     for name, rank in c.rank_pattern.items():
         if not isinstance(rank, int) or rank <= 0:
             fail(f"rank_pattern[{name!r}] must be a positive integer, got {rank!r}")

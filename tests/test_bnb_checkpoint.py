@@ -241,3 +241,30 @@ def test_gpt2_conv1d_kernels(tmp_path):
     with torch.no_grad():
         theirs = model(ids).logits.numpy()
     np.testing.assert_allclose(logits_of(graphdef, params, ids), theirs, atol=1e-4, rtol=1e-4)
+
+
+def _edited_quant_state(folder, out, edit):
+    """A copy of `folder` with layer 0's q_proj quant_state JSON (bitsandbytes stores it as uint8 bytes) edited."""
+    from interop.checkpoint import read_tensors
+    from safetensors.numpy import save_file
+
+    tensors = {name: np.array(t) for name, t in read_tensors(folder)}
+    [name] = [n for n in tensors if n.startswith("model.layers.0.self_attn.q_proj.weight.quant_state.")]
+    state = json.loads(tensors[name].tobytes())
+    edit(state)
+    tensors[name] = np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+    save_file(tensors, out / "model.safetensors")
+    shutil.copy(folder / "config.json", out / "config.json")
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(nested_offset="abc"), r"nested_offset must be a number, got 'abc'"),
+    (lambda s: s.update(blocksize=100), r"blocksize 100, dtype float32 is not a bitsandbytes 4-bit format"),
+    (lambda s: s.update(quant_type="int4"), r"quant_type 'int4'"),
+    (lambda s: s.pop("nested_offset"), r"double quantization other than bitsandbytes'"),
+])
+def test_corrupt_quant_state_is_named(quantized, tmp_path, edit, message):
+    _, folder, _ = quantized["nf4-double"]
+    with pytest.raises(interop.CheckpointError, match=r"model.layers.0.self_attn.q_proj.weight: .*" + message):
+        interop.from_pretrained(_edited_quant_state(folder, tmp_path, edit), progress=False)

@@ -21,6 +21,8 @@ def mlp_params():
         (dict(r=0, target_modules=["q"]), r"r must be a positive integer, got 0"),
         (dict(r=2.5, target_modules=["q"]), r"r must be a positive integer"),
         (dict(target_modules=["q"], rank_pattern={"q": -1}), r"rank_pattern\['q'\] must be a positive integer"),
+        (dict(target_modules=["q"], lora_alpha="16"), r"lora_alpha must be a number, got '16'"),
+        (dict(target_modules=["q"], alpha_pattern={"q": None}), r"alpha_pattern\['q'\] must be a number, got None"),
         (dict(target_modules=["q"], bias="some"), r"bias must be one of \('none', 'all', 'lora_only'\)"),
         (dict(target_modules=["q"], lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
         (dict(target_modules=["q"], init_lora_weights="loftq"), r"init_lora_weights='loftq' is not supported"),

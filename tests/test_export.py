@@ -88,3 +88,42 @@ def test_interrupted_sharded_save_keeps_the_previous_one(tmp_path, monkeypatch):
         interop.save_merged(tmp_path / "out", graphdef, jax.tree_util.tree_map(lambda x: x + 1, base),
                             max_shard_size=60_000, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+def test_save_merged_refuses_what_transformers_could_not_load(tmp_path):
+    """Params of the wrong shape, an integer dtype, a 4-bit (requantized) tree, or a shard size of
+    zero would be written as a checkpoint transformers refuses or misreads: refused, nothing written."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    out = tmp_path / "out"
+    narrow = {**base, "lm_head": {"kernel": base["lm_head"]["kernel"][:, :1]}}
+    with pytest.raises(lorax.LoraError, match=r"params\['lm_head.kernel'\] has shape \(32, 1\), LlamaForCausalLM needs \(32, 64\)"):
+        interop.save_merged(out, graphdef, narrow, progress=False)
+    with pytest.raises(lorax.LoraError, match=r"dtype int8 is not a floating-point dtype"):
+        interop.save_merged(out, graphdef, base, dtype=jnp.int8, progress=False)
+    with pytest.raises(lorax.LoraError, match=r"dtype 'float7' is not a dtype"):
+        interop.save_merged(out, graphdef, base, dtype="float7", progress=False)
+    with pytest.raises(lorax.LoraError, match=r"max_shard_size must be a positive number of bytes, got 0"):
+        interop.save_merged(out, graphdef, base, max_shard_size=0, progress=False)
+    qlora = lorax.lora(base, lorax.LoraConfig(target_modules=["q_proj"]), key=jax.random.key(0), quantize="nf4")
+    with pytest.raises(lorax.LoraError, match=r"4-bit weights \(model.layers.\*.self_attn.q_proj.kernel\).*without requantize"):
+        interop.save_merged(out, graphdef, lorax.merge(qlora, requantize=True), progress=False)
+    assert not out.exists()
+
+
+def test_single_file_save_over_a_sharded_one_removes_its_shards(tmp_path):
+    """Otherwise the old shards and index would lie beside the new model.safetensors, and
+    transformers would load whichever it looks for first."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    interop.save_merged(tmp_path / "out", graphdef, base, max_shard_size=60_000, progress=False)
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
+    changed = jax.tree_util.tree_map(lambda x: x + 1, base)
+    interop.save_merged(tmp_path / "out", graphdef, changed, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    np.testing.assert_array_equal(loaded.model.norm.weight.detach().numpy(), np.asarray(changed["model"]["norm"]["weight"]))

@@ -145,6 +145,46 @@ def test_adapter_errors(torch_mlp, tmp_path):
         interop.load_adapter(corrupt, base)
 
 
+@pytest.mark.parametrize("other, message", [
+    (dict(r=4, target_modules=["seq.0"]), r"seq.0.kernel: params \('LoraArray', \(20, 3\), \(3, \d+\), None\), config "
+                                           r"\('LoraArray', \(20, 4\), \(4, \d+\), None\)"),
+    (dict(r=3, target_modules=["seq.0", "seq.2"]), r"seq.2.kernel: params not adapted, config \('LoraArray'"),
+    (dict(r=3, lora_alpha=16, target_modules=["seq.0"]), r"seq.0.kernel: params scale 2.66.*, config \(lora_alpha / r\) 5.33"),
+    (dict(r=3, target_modules=["seq.0"], bias="all"), r"seq.2.bias: params not adapted, config \('trained'"),
+])
+def test_save_adapter_refuses_another_config(torch_mlp, tmp_path, other, message):
+    """adapter_config.json is what peft builds the adapters from: written from a config the params
+    were not made with, it would load with the wrong rank, scale or modules (or not at all)."""
+    params = adapted(torch_to_params(torch_mlp), dict(r=3, target_modules=["seq.0"]))
+    with pytest.raises(lorax.LoraError, match=r"config is not the one these params were made with.*" + message):
+        interop.save_adapter(tmp_path / "adapter", params, lorax.LoraConfig(**other))
+    with pytest.raises(lorax.LoraError, match=r"config must be the lorax.LoraConfig .*, not dict"):
+        interop.save_adapter(tmp_path / "adapter", params, other)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_bad_adapter_files_are_named(torch_mlp, tmp_path):
+    base = torch_to_params(torch_mlp)
+    interop.save_adapter(tmp_path, adapted(base, dict(r=3, target_modules=["seq.0"])),
+                         lorax.LoraConfig(r=3, target_modules=["seq.0"]))
+    config = (tmp_path / "adapter_config.json").read_text()
+    (tmp_path / "adapter_config.json").write_text("[]")
+    with pytest.raises(interop.CheckpointError, match=r"adapter_config.json: must hold a JSON object"):
+        interop.load_adapter(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**json.loads(config), "lora_alpha": "eight"}))
+    with pytest.raises(lorax.LoraConfigError, match=r"lora_alpha must be a number, got 'eight'"):
+        interop.load_adapter(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_text(config)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.seq.0.lora_A.weight"] = tensors["base_model.model.seq.0.lora_A.weight"].astype(np.int32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(interop.CheckpointError, match=r"adapter_model.safetensors: tensor "
+                                                      r"'base_model.model.seq.0.lora_A.weight' has dtype int32"):
+        interop.load_adapter(tmp_path, base)
+
+
 def test_interrupted_save_keeps_the_previous_adapter(torch_mlp, tmp_path, monkeypatch):
     base = torch_to_params(torch_mlp)
     config = lorax.LoraConfig(r=3, target_modules=["seq.0"])

@@ -219,8 +219,10 @@ class BertForSequenceClassification(nnx.Module):
     def __init__(self, config: BertConfig, num_labels: int | None = None, *, rngs: nnx.Rngs):
         if not config.add_pooling_layer:
             raise NotImplementedError("sequence classification uses the pooler; this BERT has none")
+        # Kept with its num_labels: the config builds this model's tree again (interop.save_merged checks against it).
+        self.config = config if num_labels is None else dataclasses.replace(config, num_labels=num_labels)
         self.bert = BertModel(config, rngs=rngs)
-        self.classifier = _classifier(config, num_labels or config.num_labels, rngs)
+        self.classifier = _classifier(config, self.config.num_labels, rngs)
 
     @classmethod
     def from_encoder(cls, encoder: BertModel, num_labels: int, *, rngs: nnx.Rngs) -> "BertForSequenceClassification":

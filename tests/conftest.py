@@ -7,6 +7,7 @@ weights, peft adapts the torch one, lorax the tree, and the two must agree.
 import contextlib
 import copy
 import io
+import re
 import warnings
 
 import equinox as eqx
@@ -175,12 +176,14 @@ def lorax_line(params) -> str:
     return out.getvalue().strip()
 
 
-def perturb_norms(model):
-    """Move a transformers model's norm weights away from their init (ones, or zeros for Gemma's
-    offsets; q/k norms too), so that a test sees whether they are loaded and used. Returns `model`."""
+def perturb_constants(model):
+    """Move the parameters that transformers initializes to constants away from them: norm weights
+    (ones, or zeros for Gemma's offsets; q/k norms too), LayerNorm biases and every bias of a
+    Linear/Conv1D (zeros). Otherwise a test cannot see whether they are loaded and used (a model
+    that ignored every bias would pass). Returns `model`."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name.lower() or re.search(r"(^|\.)ln_", name) or name.endswith("bias"):
                 param.add_(0.3 * torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))))
     return model
 

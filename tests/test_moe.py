@@ -16,7 +16,7 @@ import transformers
 
 import interop
 import lorax
-from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_norms, save_checkpoint,
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, peft_line, perturb_constants, save_checkpoint,
                       save_each, sync_into_peft)
 from interop.checkpoint import read_tensors
 from lorax.models import LlamaConfig
@@ -47,7 +47,7 @@ def hf_model(variant, **changes):
             if ".mlp." in name:
                 param.normal_(0, 1 if name.endswith("gate.weight") else 0.2,
                               generator=torch.Generator().manual_seed(len(name)))
-    return perturb_norms(model)
+    return perturb_constants(model)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 import interop
 import lorax
-from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, perturb_norms, perturb_trained_leaves,
+from conftest import (adapted_paths, logits_of, lorax_line, padded_tokens, perturb_constants, perturb_trained_leaves,
                       sync_into_peft)
 from interop.hf import ARCHITECTURES, model_config
 from lorax.models import LlamaConfig
@@ -81,7 +81,7 @@ def hf_model(variant):
     """The transformers model, made from its config with norms moved away from their init."""
     name, top, _ = VARIANTS[variant]
     torch.manual_seed(0)
-    return perturb_norms(transformers.AutoModelForImageTextToText.from_config(MODELS[name](**top)).eval())
+    return perturb_constants(transformers.AutoModelForImageTextToText.from_config(MODELS[name](**top)).eval())
 
 
 @pytest.fixture(scope="module")

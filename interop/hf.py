@@ -268,6 +268,8 @@ def read_model_config(folder: Path, hf_config: dict, arch: Architecture, **field
         config = arch.config_class.from_hf(model_config(hf_config, arch), **fields)
     except KeyError as error:
         raise CheckpointError(f"{path}: field {error} is missing (needed for {arch.model_class.__name__})") from None
+    except NotImplementedError as error:  # a feature our models lack (a rope type, an activation): which file
+        raise NotImplementedError(f"{path}: {error}") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError) as error:
         raise CheckpointError(f"{path}: cannot be read as {arch.model_class.__name__}'s config "
                               f"({type(error).__name__}: {error})") from None
@@ -292,14 +294,29 @@ def model_config(hf_config: dict, arch: Architecture) -> dict:
     return text
 
 
+# A config.json without "architectures" (written by hand, or by a config class alone) is read as
+# transformers' Auto classes read it, by model_type: a decoder as its causal LM, BERT as BertModel.
+BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+    "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt2": "GPT2LMHeadModel", "bert": "BertModel",
+}
+
+
 def architecture_of(config: dict) -> tuple[str, Architecture]:
+    """config.json's architecture (the first of "architectures" we have), or without that field
+    the default one for its model_type."""
     names = config.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
             return name, ARCHITECTURES[name]
-    raise CheckpointError(
-        f"architecture {names or config.get('model_type')!r} is not supported; supported: {listing(ARCHITECTURES)}"
-    )
+    if not names and BY_MODEL_TYPE.get(config.get("model_type")) in ARCHITECTURES:
+        name = BY_MODEL_TYPE[config["model_type"]]
+        return name, ARCHITECTURES[name]
+    what = f"architecture {names!r}" if names else f"model_type {config.get('model_type')!r} (no \"architectures\")"
+    raise CheckpointError(f"{what} is not supported; supported: {listing(ARCHITECTURES)}")
 
 
 # XLA:CPU adopts a host buffer without copying only when it is 64-byte aligned; numpy's large
@@ -373,7 +390,10 @@ class _Plan:
 
 def _plan(folder: Path, arch: Architecture, config, quantized_names: list[str] | None, progress: bool) -> _Plan:
     """Match every checkpoint tensor (names and shapes; the weights are not read) to our model for `config`."""
-    graphdef, abstract = abstract_model(arch.model_class, config)
+    try:
+        graphdef, abstract = abstract_model(arch.model_class, config)
+    except NotImplementedError as error:  # e.g. an activation our layers lack, found while building the model
+        raise NotImplementedError(f"{folder / 'config.json'}: {error}") from None
     slots = checkpoint_slots(abstract, arch)
     # np.empty only reserves memory: a kernel that turns out to be 4-bit quantized never touches its pages.
     plan = _Plan(graphdef, jax.tree_util.tree_map(lambda leaf: aligned_empty(leaf.shape, leaf.dtype), abstract), slots)

@@ -281,3 +281,16 @@ def test_modules_to_save_on_some_layers_of_a_stack_is_refused(saved):
     with pytest.raises(lorax.TargetError, match=r"some layers only of stacked modules: "
                                                 r"encoder\.layer\.\*\.attention\.output \(layers \[1\] of 3\)"):
         lorax.lora(base, config, key=jax.random.key(0))
+
+
+def test_more_tokens_than_position_embeddings_is_an_error(saved):
+    """transformers refuses (its position_ids buffer has max_position_embeddings entries); JAX's
+    gather would clamp the positions silently."""
+    model, folder = saved
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids = torch.zeros((1, SMALL["max_position_embeddings"] + 1), dtype=torch.long)
+    with pytest.raises(RuntimeError, match="expanded size"), torch.no_grad():
+        model(ids)
+    with pytest.raises(ValueError, match=r"17 positions do not fit the model's position embeddings "
+                                         r"\(max_position_embeddings=16\)"):
+        apply(graphdef, params, jnp.asarray(ids.numpy()))

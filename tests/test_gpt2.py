@@ -184,3 +184,20 @@ def test_adapter_and_merged_exports_load_in_torch(saved, tmp_path):
         np.testing.assert_allclose(merged(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4)
     reloaded = interop.load_adapter(tmp_path / "adapter", base)
     np.testing.assert_allclose(run(graphdef, reloaded, ids, mask), ours, atol=1e-6)
+
+
+def test_more_tokens_than_position_embeddings_is_an_error(saved):
+    """transformers raises IndexError past n_positions, in a forward pass and in generate; JAX's
+    gather would return NaN or clamp there, silently."""
+    model, folder = saved
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids = torch.zeros((1, SMALL["n_positions"] + 1), dtype=torch.long)
+    with pytest.raises(IndexError), torch.no_grad():
+        model(ids)
+    with pytest.raises(ValueError, match=r"33 positions do not fit the model's position embeddings \(n_positions=32\)"):
+        apply(graphdef, params, jnp.asarray(ids.numpy()))
+    prompt = ids[:, :30]
+    with pytest.raises(IndexError), torch.no_grad():
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
+    with pytest.raises(ValueError, match=r"35 positions do not fit"):
+        generate(graphdef, params, jnp.asarray(prompt.numpy()), max_new_tokens=5)

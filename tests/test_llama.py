@@ -5,6 +5,7 @@ all equal the real libraries'."""
 import functools
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -259,10 +260,38 @@ def test_greedy_generation_equals_transformers(saved, variant):
         plain = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                pad_token_id=0).numpy()
         padded = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(generate(graphdef, params, jnp.asarray(ids.numpy()), max_new_tokens=10), plain)
-    np.testing.assert_array_equal(
-        generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10),
-        padded)
+    eos = dict(eos_token_id=model.generation_config.eos_token_id, pad_token_id=0)
+    assert_same_generation(generate(graphdef, params, jnp.asarray(ids.numpy()), max_new_tokens=10, **eos), plain)
+    assert_same_generation(generate(graphdef, params, jnp.asarray(ids.numpy()), attention_mask=jnp.asarray(mask.numpy()),
+                                    max_new_tokens=10, **eos), padded)
+
+
+def assert_same_generation(ours, theirs, pad_token_id=0):
+    """transformers' generate stops once every row has ended (its output is shorter); ours keeps
+    the full length, with padding after each row's end."""
+    ours = np.asarray(ours)
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+    assert (ours[:, theirs.shape[1]:] == pad_token_id).all()
+
+
+def test_generation_stops_at_eos_as_transformers(saved):
+    """A row that produces EOS is padded from there on, the others go on, as in transformers'
+    generate. EOS is chosen among the tokens the model generates, so that it really occurs: a
+    token of the first row, and, as a list, also one of the second row's later ones."""
+    model, folder = saved["llama3"]
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens(length=5, seed=1)
+    args = (jnp.asarray(ids.numpy()),)
+    free = np.asarray(generate(graphdef, params, *args, attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10))
+    for eos in (int(free[0, 8]), [int(free[0, 8]), int(free[1, 12])]):
+        with torch.no_grad():
+            theirs = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=7,
+                                    eos_token_id=eos).numpy()
+        ours = generate(graphdef, params, *args, attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10,
+                        eos_token_id=eos, pad_token_id=7)
+        assert_same_generation(ours, theirs, pad_token_id=7)
+        ended = np.asarray(ours)[0, 9:]  # the first row ended at its EOS, at 8: only padding after it
+        assert (ended == 7).all() and not (free[0, 9:] == 7).all()
 
 
 LORA_CONFIGS = [
@@ -437,3 +466,34 @@ def test_load_errors(saved, tmp_path):
     garbage = copy_with(weights=lambda data: b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(interop.CheckpointError, match=r"model.safetensors: corrupt safetensors header"):
         interop.from_pretrained(garbage, progress=False)
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "gemma2"])
+def test_config_without_architectures_reads_its_model_type(saved, tmp_path, variant):
+    """transformers' AutoModelForCausalLM picks the class from model_type when config.json has no
+    "architectures"; so does from_pretrained. An unknown model_type says which field it read."""
+    model, folder = saved[variant]
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, _ = tokens()
+    with torch.no_grad():
+        expected = theirs(ids).logits.numpy()
+    np.testing.assert_allclose(logits_of(*lorax.split(interop.from_pretrained(tmp_path, progress=False)), ids), expected,
+                               atol=1e-4, rtol=1e-4)
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neo"}))
+    with pytest.raises(interop.CheckpointError, match=r"model_type 'gpt_neo' \(no \"architectures\"\) is not supported"):
+        interop.from_pretrained(tmp_path, progress=False)
+
+
+def test_unsupported_config_feature_names_the_file(saved, tmp_path):
+    _, folder = saved["llama3"]
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, named in [({"hidden_act": "gelu_fast"}, "gelu_fast"),
+                          ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}, "dynamic")]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(NotImplementedError, match=rf"config.json: .*{named}"):
+            interop.from_pretrained(tmp_path, progress=False)

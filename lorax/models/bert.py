@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import (STACK, LayerNorm, activation, attention, linear, padding_mask, run_stacked,
-                                  stacked)
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, check_positions, linear, padding_mask,
+                                  run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +180,7 @@ class BertModel(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         batch, seq = input_ids.shape
+        check_positions(seq, self.config.max_position_embeddings, "max_position_embeddings")
         if token_type_ids is None:
             token_type_ids = jnp.zeros((batch, seq), jnp.int32)
         if position_ids is None:

@@ -14,10 +14,19 @@ import jax.numpy as jnp
 from lorax.apply import ModelDef, apply
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature"))
+def _token_ids(eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError(f"eos_token_id must be an int or a sequence of ints, got {eos_token_id!r}")
+    return ids
+
+
 def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens: int,
              attention_mask: jax.Array | None = None, temperature: float = 0.0,
-             key: jax.Array | None = None) -> jax.Array:
+             key: jax.Array | None = None, eos_token_id: int | tuple[int, ...] | None = None,
+             pad_token_id: int = 0) -> jax.Array:
     """Continue `input_ids` (batch, prompt) by `max_new_tokens` tokens.
 
     Args:
@@ -28,10 +37,25 @@ def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens
             as transformers' generate does.
         temperature: 0 for greedy decoding, otherwise softmax sampling at this temperature.
         key: PRNG key, required when sampling.
+        eos_token_id: end-of-sequence token(s) (config.json's eos_token_id): a row that produces
+            one is finished, and every later token of it is `pad_token_id`, as in transformers'
+            generate; the loop stops when all rows are finished. None: always max_new_tokens.
+        pad_token_id: the token after a row's end.
 
     Returns:
-        (batch, prompt_length + max_new_tokens) tokens: the prompt, then the continuation.
+        (batch, prompt_length + max_new_tokens) tokens: the prompt, then the continuation. The
+        shape is fixed (it is jitted): where transformers stops early, its output is this one's
+        prefix and the rest here is `pad_token_id`.
     """
+    return _generate(graphdef, params, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                     temperature=temperature, key=key, eos_token_id=_token_ids(eos_token_id),
+                     pad_token_id=pad_token_id)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "eos_token_id",
+                                             "pad_token_id"))
+def _generate(graphdef, params, input_ids, *, max_new_tokens, attention_mask, temperature, key, eos_token_id,
+              pad_token_id):
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
     if attention_mask is None:
@@ -47,9 +71,15 @@ def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens
             return jnp.argmax(logits, axis=-1)
         return jax.random.categorical(key, logits / temperature, axis=-1)
 
+    eos = jnp.asarray(eos_token_id, input_ids.dtype)
+
+    def finished(chosen):
+        return jnp.isin(chosen, eos) if eos_token_id else jnp.zeros(chosen.shape, bool)
+
     logits, cache = apply(graphdef, params, input_ids, mask, positions[:, :prompt], cache, 0)
-    tokens = jnp.zeros((batch, total), input_ids.dtype).at[:, :prompt].set(input_ids)
-    tokens = tokens.at[:, prompt].set(pick(logits[:, -1], jax.random.fold_in(key, 0)).astype(tokens.dtype))
+    tokens = jnp.full((batch, total), pad_token_id, input_ids.dtype).at[:, :prompt].set(input_ids)
+    first = pick(logits[:, -1], jax.random.fold_in(key, 0)).astype(tokens.dtype)
+    tokens = tokens.at[:, prompt].set(first)
 
     def one_token(index, tokens, cache):
         current = jax.lax.dynamic_slice_in_dim(tokens, index, 1, axis=1)
@@ -70,14 +100,20 @@ def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens
     # short factors); so do we, at that one step.
     recompute_at = apply(lambda p: getattr(graphdef.module(p), "cache_recompute_length", None), params)
 
-    def step(index, state):
-        tokens, cache = state
+    def step(state):
+        index, tokens, cache, done = state
         if recompute_at is None or prompt > recompute_at:
             logits, cache = one_token(index, tokens, cache)
         else:
             logits, cache = jax.lax.cond(index == recompute_at, everything, one_token, index, tokens, cache)
         chosen = pick(logits, jax.random.fold_in(key, index)).astype(tokens.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], index + 1, axis=1), cache
+        chosen = jnp.where(done, jnp.asarray(pad_token_id, tokens.dtype), chosen)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], index + 1, axis=1)
+        return index + 1, tokens, cache, done | finished(chosen)
 
-    tokens, _ = jax.lax.fori_loop(prompt, total - 1, step, (tokens, cache))
+    def running(state):
+        index, _, _, done = state
+        return (index < total - 1) & ~jnp.all(done)
+
+    _, tokens, _, _ = jax.lax.while_loop(running, step, (prompt, tokens, cache, finished(first)))
     return tokens

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, empty_cache,
-                                  linear, lm_logits, run_stacked, stacked)
+from lorax.models.layers import (STACK, LayerNorm, activation, attention, cached_mask, causal_mask, check_positions,
+                                  empty_cache, linear, lm_logits, run_stacked, stacked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +128,7 @@ class GPT2Model(nnx.Module):
         """Hidden states (b, s, n_embd). With a KV cache (`init_cache`), the tokens are written at
         `cache_index` and attend to everything before them; returns (hidden, new cache) then."""
         batch, seq = input_ids.shape
+        check_positions(seq if cache is None else cache[0].shape[2], self.config.n_positions, "n_positions")
         if position_ids is None:
             # as transformers: positions count from the start (or the cache), padding included
             start = 0 if cache_index is None else cache_index
@@ -146,6 +147,7 @@ class GPT2Model(nnx.Module):
     def init_cache(self, batch: int, max_length: int, dtype=None):
         """An empty KV cache: (keys, values), each (n_layer, batch, max_length, n_head, head_dim)."""
         c = self.config
+        check_positions(max_length, c.n_positions, "n_positions")
         return empty_cache(c.n_layer, batch, max_length, c.n_head, c.head_size, dtype or c.dtype)
 
 

@@ -81,6 +81,15 @@ def lm_logits(h: jax.Array, embed: nnx.Embed, lm_head: nnx.Linear | None) -> jax
     return lm_head(h)
 
 
+def check_positions(length: int, limit: int, field: str) -> None:
+    """A learned position table has `limit` rows: `length` positions past it would be gathered out
+    of range (JAX clamps or fills NaN there, silently; transformers raises IndexError). Shapes are
+    static, so this runs while tracing and costs nothing in the jitted code."""
+    if length > limit:
+        raise ValueError(f"{length} positions do not fit the model's position embeddings ({field}={limit}); "
+                         f"use at most {limit} tokens")
+
+
 def empty_cache(layers: int, batch: int, max_length: int, kv_heads: int, head_dim: int, dtype) -> tuple:
     """An empty KV cache: (keys, values), each (layers, batch, max_length, kv_heads, head_dim)."""
     shape = (layers, batch, max_length, kv_heads, head_dim)

@@ -91,7 +91,8 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
     into place once all are written. A vision-language model loaded text-only is written as its
     language model's causal LM (Gemma3ForConditionalGeneration as Gemma3ForCausalLM,
     Mistral3ForConditionalGeneration as MistralForCausalLM or Ministral3ForCausalLM: the
-    `text_config` as config.json, `model.layers...` names), since its vision tower was never loaded.
+    `text_config` as config.json, `model.layers...` names), since its vision tower was never loaded;
+    likewise a BertForMaskedLM or BertForPreTraining checkpoint is written as the BertModel it loaded as.
 
     Args:
         directory: output folder (created if needed).
@@ -152,8 +153,9 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         if text["model_type"] not in arch.merged_as:
             raise LoraError(f"save_merged cannot write a {text['model_type']!r} language model as a causal LM; "
                             f"known: {listing(arch.merged_as)}")
-        config = {**text, **arch.merged_config, "architectures": [arch.merged_as[text["model_type"]]],
-                  "tie_word_embeddings": model.config.tie_word_embeddings}
+        config = {**text, **arch.merged_config, "architectures": [arch.merged_as[text["model_type"]]]}
+        if hasattr(model.config, "tie_word_embeddings"):
+            config["tie_word_embeddings"] = model.config.tie_word_embeddings
     config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)

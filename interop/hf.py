@@ -67,8 +67,8 @@ class Architecture:
         text config's own, as LlavaConfig). None: config.json is read as it is.
     renames: (regex, replacement) pairs from checkpoint tensor names to ours, applied in order
         (transformers' conversion mapping for older saves: `language_model.model.` -> `model.language_model.`).
-    skipped: regexes of checkpoint tensors that exist but are not loaded (a vision tower); a
-        warning says how many.
+    skipped: regexes of checkpoint tensors that exist but are not loaded (a vision tower), and
+        `skipped_as` what the warning that counts them calls them.
     merged_as: the transformers architecture `save_merged` writes (text-only) for each text model_type,
         with `merged_renames` from our names to its names and `merged_config` over the text config
         (what makes its logits the ones this model computes). None: the architecture itself.
@@ -85,6 +85,7 @@ class Architecture:
     text_config: dict[str, Any] | None = None
     renames: tuple[tuple[str, str], ...] = ()
     skipped: tuple[str, ...] = ()
+    skipped_as: str = "loads as a text-only model; {count} tensors of its vision tower and projector are not loaded"
     merged_as: dict[str, str] | None = None
     merged_renames: tuple[tuple[str, str], ...] = ()
     merged_config: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -161,6 +162,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "GPT2Model": Architecture(GPT2Config, GPT2Model, GPT2_CONV1D, GPT2_BUFFERS, input_embedding=None),
     "BertModel": Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler,
                               input_embedding=None),
+    # Pretrained BERTs (bert-base-uncased: BertForMaskedLM; the original Google ones: BertForPreTraining)
+    # load as their encoder, as transformers' AutoModel loads them, leaving out the pretraining heads.
+    **{name: Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler,
+                          input_embedding=None, renames=((r"^bert\.", ""),), skipped=(r"cls\..*",), merged_as={"bert": "BertModel"},
+                          skipped_as="loads as its encoder (BertModel, as transformers' AutoModel); {count} tensors "
+                                     "of its pretraining heads (cls.*) are not loaded")
+       for name in ("BertForMaskedLM", "BertForPreTraining")},
     "BertForSequenceClassification": Architecture(BertConfig, BertForSequenceClassification, ignored=BERT_BUFFERS,
                                                   checkpoint_overrides=_bert_pooler, input_embedding=None),
 }
@@ -480,8 +488,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             plan = _plan(folder, arch, config, names if quantized else None, progress)
     plan.check(folder, arch)
     if plan.skipped:
-        warnings.warn(f"{folder}: {hf_config['architectures'][0]} loads as a text-only model; {plan.skipped} tensors "
-                      "of its vision tower and projector are not loaded", stacklevel=2)
+        warnings.warn(f"{folder}: {hf_config['architectures'][0]} " + arch.skipped_as.format(count=plan.skipped),
+                      stacklevel=2)
     graphdef, arrays, copies = plan.graphdef, plan.arrays, plan.copies
     # Every tensor is checked before any is copied; the copy is most of the load time.
     copy_all(copies, progress=progress, desc=f"copying {folder.name}")

@@ -294,3 +294,32 @@ def test_more_tokens_than_position_embeddings_is_an_error(saved):
     with pytest.raises(ValueError, match=r"17 positions do not fit the model's position embeddings "
                                          r"\(max_position_embeddings=16\)"):
         apply(graphdef, params, jnp.asarray(ids.numpy()))
+
+
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForPreTraining"])
+def test_pretraining_checkpoint_loads_as_its_encoder(head, tmp_path):
+    """bert-base-uncased's kind of folder (BertForMaskedLM; the original Google ones are
+    BertForPreTraining, with a pooler): loads as BertModel, as transformers' AutoModel does, with the
+    cls.* heads left out (and counted in a warning); saved merged, AutoModel reads it as BertModel."""
+    torch.manual_seed(0)
+    model = perturb_constants(getattr(transformers, head)(transformers.BertConfig(**SMALL)).eval())
+    model.save_pretrained(tmp_path / "pretrained")
+    with pytest.warns(UserWarning, match=rf"{head} loads as its encoder .* tensors of its pretraining heads"):
+        loaded = interop.from_pretrained(tmp_path / "pretrained", progress=False)
+    assert type(loaded) is lorax.models.BertModel
+    graphdef, params = lorax.split(loaded)
+    assert ("pooler" in params) == (model.bert.pooler is not None)
+    assert_same_outputs(graphdef, params, model.bert)
+    # AutoModel gives a BertForMaskedLM folder a pooler anyway, newly initialized (random): only
+    # the hidden states are the checkpoint's, and ours has no pooler there rather than a random one.
+    ids, token_types, mask = inputs()
+    hidden, _ = run(graphdef, params, ids, mask, token_types)
+    real = mask.numpy().astype(bool)
+    interop.save_merged(tmp_path / "merged", graphdef, params, progress=False)
+    for folder in ("pretrained", "merged"):
+        theirs = transformers.AutoModel.from_pretrained(tmp_path / folder).eval()
+        assert type(theirs) is transformers.BertModel
+        with torch.no_grad():
+            out = theirs(ids, attention_mask=mask, token_type_ids=token_types)
+        np.testing.assert_allclose(hidden[real], out.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["BertModel"]

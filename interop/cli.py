@@ -213,9 +213,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the base model's dtype and compute dtype; adapters and optimizer state stay float32 "
-                        "(default float32)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+                   help="the base model's dtype and compute dtype (auto: the checkpoint's, as transformers' "
+                        "default); adapters and optimizer state stay float32 (default float32)")
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
                    help="QLoRA: store the adapted base weights in 4 bits (double quantization, blocksize 64)")
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")

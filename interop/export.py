@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop.checkpoint import CheckpointError, atomic_write, leaf_at, read_index
-from interop.hf import abstract_model, architecture_for, checkpoint_slots, model_config, renamed
+from interop.hf import abstract_model, architecture_for, checkpoint_slots, float_dtype, model_config, renamed
 from interop.layout_copy import Copy, copy_all
 from lorax.arrays import is_adapter
 from lorax.errors import LoraError, listing
@@ -65,16 +65,6 @@ def _check_params(params: Any, model) -> None:
             raise LoraError(f"params[{path!r}] has dtype {leaf.dtype}; save_merged writes floating-point weights")
 
 
-def _float_dtype(dtype: Any) -> np.dtype:
-    try:
-        dtype = np.dtype(jnp.dtype(dtype))
-    except TypeError:
-        raise LoraError(f"dtype {dtype!r} is not a dtype; use float32, bfloat16 or float16") from None
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise LoraError(f"dtype {dtype} is not a floating-point dtype; use float32, bfloat16 or float16")
-    return dtype
-
-
 def _previous_shards(folder: Path) -> set[str]:
     """The shard files a previous sharded save in `folder` lists (none if its index is unreadable)."""
     try:
@@ -114,7 +104,7 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
         raise LoraError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     if dtype is not None:
-        dtype = _float_dtype(dtype)
+        dtype = float_dtype(dtype)
     try:
         model = graphdef.module(params)
     except ValueError as error:  # a leaf missing or added: nnx counts them

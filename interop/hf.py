@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from interop.checkpoint import CheckpointError, count_tensors, leaf_at, read_tensors
 from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
-from lorax.errors import listing
+from lorax.errors import LoraError, listing
 from lorax.models import (
     STACK,
     BertConfig,
@@ -439,6 +439,36 @@ def _same_values(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
+def float_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
+    """`dtype` as a numpy floating dtype, or a LoraError naming the argument `what`.
+
+    >>> float_dtype("bfloat16")
+    dtype(bfloat16)
+    """
+    try:
+        resolved = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise LoraError(f"{what} {dtype!r} is not a dtype; use float32, bfloat16 or float16") from None
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise LoraError(f"{what} {resolved} is not a floating-point dtype; use float32, bfloat16 or float16")
+    return resolved
+
+
+def stored_dtype(folder: Path, hf_config: dict) -> np.dtype:
+    """What transformers' dtype="auto" loads as: config.json's `dtype` (or the older `torch_dtype`),
+    else the first floating-point tensor's, else float32."""
+    named = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    if named is not None:
+        try:
+            return float_dtype(str(named).removeprefix("torch."))
+        except LoraError as error:
+            raise CheckpointError(f"{folder / 'config.json'}: dtype {named!r} cannot be loaded ({error})") from None
+    for _, tensor in read_tensors(folder):
+        if _floating(tensor.dtype):
+            return np.dtype(tensor.dtype)
+    return np.dtype(np.float32)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     progress: bool = True, mesh: Mesh | None = None) -> nnx.Module:
     """Load a local Hugging Face model folder as our NNX model.
@@ -447,8 +477,10 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
         path: a folder with config.json and model.safetensors, a sharded
             model.safetensors.index.json, or pytorch_model.bin / a sharded
             pytorch_model.bin.index.json (read with torch.load(weights_only=True)).
-        dtype: the compute dtype (float32 or bfloat16).
-        param_dtype: the stored parameter dtype; defaults to `dtype`.
+        dtype: the compute dtype (float32, bfloat16 or float16), or "auto": the checkpoint's, as
+            transformers' dtype="auto" (its default) reads it: config.json's `dtype`/`torch_dtype`,
+            else the weights'.
+        param_dtype: the stored parameter dtype (or "auto"); defaults to `dtype`.
         progress: show a tqdm bar while tensors stream in.
         mesh: place the parameters on this mesh (`lorax.sharding.make_mesh`), FSDP-sharded as
             `lorax.sharding.param_shardings` shards them: each device receives only its slices,
@@ -469,7 +501,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     hf_config = read_config(folder)
     _, arch = architecture_of(hf_config)
     quantized = check_quantization(hf_config)
+    # Checked before any weight is read; flax's own error for an integer dtype comes from deep in a layer's init.
+    dtype, param_dtype = (None if d is None else stored_dtype(folder, hf_config) if isinstance(d, str) and d == "auto"
+                          else float_dtype(d, name) for d, name in ((dtype, "dtype"), (param_dtype, "param_dtype")))
     param_dtype = param_dtype or dtype
+    if np.dtype(np.float64) in (dtype, param_dtype) and not jax.config.jax_enable_x64:
+        raise LoraError("float64 needs jax.config.update('jax_enable_x64', True) first; JAX would use float32")
     # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.
     names = [name for name, _ in read_tensors(folder)] if arch.checkpoint_overrides or quantized else []
     overrides = arch.checkpoint_overrides(names) if arch.checkpoint_overrides else {}

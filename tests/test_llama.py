@@ -497,3 +497,33 @@ def test_unsupported_config_feature_names_the_file(saved, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(NotImplementedError, match=rf"config.json: .*{named}"):
             interop.from_pretrained(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("stored, config_field", [(torch.bfloat16, "dtype"), (torch.float16, "torch_dtype"),
+                                                  (torch.bfloat16, None), (torch.float32, "dtype")])
+def test_auto_dtype_is_the_one_transformers_picks(stored, config_field, tmp_path):
+    """dtype="auto" (transformers' default): config.json's `dtype`, or the older `torch_dtype`, or
+    without either the weights' own; every leaf gets the dtype transformers' parameters get."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)).to(stored).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    named = config.pop("dtype", None) or config.pop("torch_dtype", None)
+    assert named == str(stored).removeprefix("torch.")
+    if config_field is not None:
+        config[config_field] = named
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = {str(p.dtype).removeprefix("torch.") for p in
+              transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").parameters()}
+    params = lorax.split(interop.from_pretrained(tmp_path, dtype="auto", progress=False))[1]
+    assert {str(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)} == theirs
+
+
+@pytest.mark.parametrize("dtype, message", [(jnp.int8, "dtype int8 is not a floating-point dtype"),
+                                            ("fp32", "dtype 'fp32' is not a dtype"),
+                                            (jnp.float64, "float64 needs jax.config.update")])
+def test_bad_dtype_is_named_before_loading(saved, dtype, message):
+    _, folder = saved["llama3"]
+    with pytest.raises(lorax.LoraError, match=re.escape(message)):
+        interop.from_pretrained(folder, dtype=dtype, progress=False)
+    with pytest.raises(lorax.LoraError, match=re.escape(message.replace("dtype", "param_dtype", 1))):
+        interop.from_pretrained(folder, param_dtype=dtype, progress=False)

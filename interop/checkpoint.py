@@ -42,6 +42,31 @@ SAFETENSORS_DTYPES = {
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
+def local_folder(path: str | os.PathLike) -> Path:
+    """`path` itself if it exists; otherwise a Hugging Face repo id ("org/name") already in the
+    local hub cache (where transformers' and peft's downloads go) resolves to its cached snapshot,
+    as transformers resolves it offline. Nothing is downloaded.
+
+    >>> local_folder(path) == Path(path)                    # path: the all-MiniLM-L6-v2 folder
+    True
+    """
+    folder = Path(path)
+    if folder.exists() or not isinstance(path, str) or path.count("/") != 1 or path.startswith((".", "/", "~")):
+        return folder
+    try:
+        import huggingface_hub  # installed with transformers ([torch] extra); only needed here
+    except ImportError:
+        raise CheckpointError(f"no folder {path!r} (to read it from the Hugging Face cache as a repo id, install "
+                              "huggingface_hub)") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(path, local_files_only=True))
+    except Exception as error:  # not a valid repo id, or not cached: huggingface_hub's own message says which
+        raise CheckpointError(f"no folder {path!r}, and it is not a repo id in the Hugging Face cache "
+                              f"({huggingface_hub.constants.HF_HUB_CACHE}): nothing is downloaded here, so download "
+                              f"it first (`hf download {path}`) or pass a local folder ({type(error).__name__}: "
+                              f"{error})") from None
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a Hugging Face folder, in the order transformers prefers them."""
     return _weight_files(Path(folder))[1]

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from interop.checkpoint import CheckpointError, count_tensors, leaf_at, read_tensors
+from interop.checkpoint import CheckpointError, count_tensors, leaf_at, local_folder, read_tensors
 from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import LoraError, listing
@@ -476,7 +476,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     Args:
         path: a folder with config.json and model.safetensors, a sharded
             model.safetensors.index.json, or pytorch_model.bin / a sharded
-            pytorch_model.bin.index.json (read with torch.load(weights_only=True)).
+            pytorch_model.bin.index.json (read with torch.load(weights_only=True)); or a repo id
+            ("org/name") already in the Hugging Face cache (nothing is downloaded).
         dtype: the compute dtype (float32, bfloat16 or float16), or "auto": the checkpoint's, as
             transformers' dtype="auto" (its default) reads it: config.json's `dtype`/`torch_dtype`,
             else the weights'.
@@ -497,7 +498,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             tensors (listed), a shape that does not fit (tensor named, both shapes), or a
             truncated/corrupt file (named).
     """
-    folder = Path(path)
+    folder = local_folder(path)
     hf_config = read_config(folder)
     _, arch = architecture_of(hf_config)
     quantized = check_quantization(hf_config)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import CheckpointError, atomic_write, read_safetensors
+from interop.checkpoint import CheckpointError, atomic_write, local_folder, read_safetensors
 from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraError, listing
@@ -357,7 +357,8 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     """Load a peft LoRA adapter onto base params: the result holds LoraArray leaves with the file's A and B.
 
     Args:
-        directory: a folder written by `PeftModel.save_pretrained` or `save_adapter`.
+        directory: a folder written by `PeftModel.save_pretrained` or `save_adapter`, or a repo
+            id ("org/name") already in the Hugging Face cache.
         base_params: the base model's tree (e.g. from `lorax.split(interop.from_pretrained(...))`).
         output_head: as in `lorax.lora`, for configs that say "all-linear".
 
@@ -365,7 +366,7 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
         CheckpointError / LoraError: missing or corrupt files, another peft type, tensors that
             do not fit the base (named, with both shapes), or tensors the config does not explain.
     """
-    folder = Path(directory)
+    folder = local_folder(directory)
     config = read_adapter_config(folder)
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():

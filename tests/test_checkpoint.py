@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import interop
+import lorax
 from conftest import save_checkpoint
 
 SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -243,3 +244,46 @@ def test_config_json_that_cannot_be_read(folder, tmp_path, case):
     with pytest.raises(interop.CheckpointError, match=message) as raised:
         interop.from_pretrained(target, progress=False)
     assert "config.json" in str(raised.value)
+
+
+def test_repo_id_in_the_hub_cache_loads_as_transformers_and_peft_resolve_it(folder, tmp_path, monkeypatch):
+    """"org/name" with no such folder is looked up in the Hugging Face cache (the layout downloads
+    leave: models--org--name/refs/main and snapshots/<commit>/), offline, as transformers and peft
+    resolve it: the same model and adapter load; a repo id that is not cached says where it looked."""
+    import huggingface_hub
+    import peft
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: the env var is too late
+    monkeypatch.chdir(tmp_path)  # so that "org/..." is not a folder relative to where the tests run
+
+    def cache_repo(repo_id: str, files: dict[str, bytes]):
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        for name, data in files.items():
+            (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+            (repo / "snapshots" / commit / name).write_bytes(data)
+
+    cache_repo("org/tiny-llama", {p.name: p.read_bytes() for p in folder.iterdir()})
+    torch.manual_seed(1)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    cache_repo("org/tiny-lora", {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()})
+
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained("org/tiny-llama", cache_dir=cache).eval()
+    theirs_adapted = peft.PeftModel.from_pretrained(theirs, "org/tiny-lora", cache_dir=cache).eval()
+    with torch.no_grad():
+        expected = theirs_adapted(ids).logits.numpy()
+    graphdef, params = lorax.split(interop.from_pretrained("org/tiny-llama", progress=False))
+    adapted = interop.load_adapter("org/tiny-lora", params)
+    ours = np.asarray(lorax.apply(graphdef, adapted, jnp.asarray(ids.numpy())))
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+
+    with pytest.raises(interop.CheckpointError, match=r"no folder 'org/absent', and it is not a repo id in the "
+                                                        r"Hugging Face cache .*hf download org/absent"):
+        interop.from_pretrained("org/absent", progress=False)

@@ -527,3 +527,23 @@ def test_bad_dtype_is_named_before_loading(saved, dtype, message):
         interop.from_pretrained(folder, dtype=dtype, progress=False)
     with pytest.raises(lorax.LoraError, match=re.escape(message.replace("dtype", "param_dtype", 1))):
         interop.from_pretrained(folder, param_dtype=dtype, progress=False)
+
+
+@pytest.mark.parametrize("variant, read, ignored", [("gemma", "hidden_act", "hidden_activation"),
+                                                    ("gemma2", "hidden_activation", "hidden_act"),
+                                                    ("gemma3", "hidden_activation", "hidden_act")])
+def test_gemma_activation_is_read_from_the_field_its_model_reads(variant, read, ignored, tmp_path):
+    """Gemma 1 configs on the hub carry both hidden_act and hidden_activation; transformers'
+    GemmaMLP reads hidden_act, Gemma 2's and 3's read hidden_activation. With the two set
+    differently (relu vs silu), our logits follow the field transformers reads."""
+    model = hf_model(variant, **{read: "silu"})
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, ignored: "relu"}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids, _ = tokens()
+    with torch.no_grad():
+        expected = theirs(ids).logits.numpy()
+        np.testing.assert_allclose(model(ids).logits.numpy(), expected, atol=1e-6)  # the ignored field is ignored
+    graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
+    np.testing.assert_allclose(logits_of(graphdef, params, ids), expected, atol=1e-4, rtol=1e-4)

@@ -163,8 +163,11 @@ class LlamaConfig:
         values["head_dim"] = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         values.update(_rope_fields(hf, model_type))
         values.update(_attention_kinds(hf, model_type))
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
         gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+        # Which field names the activation is the modeling file's choice: Gemma 2's and 3's MLPs read
+        # hidden_activation, every other one (Gemma 1 too) hidden_act; the other field is ignored.
+        act = (hf.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else hf.get("hidden_act")) or \
+            ("gelu_pytorch_tanh" if gemma else "silu")
         # Gemma 1's config.json says "gelu" but means the tanh approximation (transformers' GemmaConfig maps
         # it; Gemma 2's and 3's configs do not, and their models use the exact GELU).
         values["hidden_act"] = "gelu_pytorch_tanh" if model_type == "gemma" and act == "gelu" else act

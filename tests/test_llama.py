@@ -547,3 +547,45 @@ def test_gemma_activation_is_read_from_the_field_its_model_reads(variant, read, 
         np.testing.assert_allclose(model(ids).logits.numpy(), expected, atol=1e-6)  # the ignored field is ignored
     graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
     np.testing.assert_allclose(logits_of(graphdef, params, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def rewritten(tmp_path, model, change) -> tuple:
+    """`model` saved, its config.json changed by `change(config)`: (transformers' model from that folder, ours)."""
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    change(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    return theirs, lorax.split(interop.from_pretrained(tmp_path, progress=False))
+
+
+def assert_same_logits(theirs, ours, length=9):
+    ids, mask = tokens(length=length)
+    with torch.no_grad():
+        expected = theirs(ids, attention_mask=mask).logits.numpy()
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(logits_of(*ours, ids, mask)[real], expected[real], atol=1e-4, rtol=1e-4)
+
+
+def test_legacy_rope_scaling_beside_rope_parameters_wins(tmp_path):
+    """A 4.x-style rope_scaling added to a config.json transformers 5 wrote (rope_parameters, no
+    scaling): transformers applies the rope_scaling, and so do we."""
+    def add_linear_scaling(config):
+        config["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+        assert config["rope_parameters"]["rope_type"] == "default"
+    theirs, ours = rewritten(tmp_path, hf_model("mistral"), add_linear_scaling)
+    assert theirs.config.rope_parameters["rope_type"] == "linear"
+    assert_same_logits(theirs, ours)
+
+
+@pytest.mark.parametrize("dropped", [("original_max_position_embeddings",),
+                                     ("original_max_position_embeddings", "max_position_embeddings")])
+def test_phi3_without_position_fields_reads_phi3config_defaults(dropped, tmp_path):
+    """Phi-3's LongRoPE dict carries its own original_max_position_embeddings (8), but Phi3Config's
+    top-level field (default 4096) wins in transformers; without it and max_position_embeddings,
+    both load with Phi3Config's defaults. Logits past 8 positions tell them apart."""
+    def drop(config):
+        for field in dropped:
+            config.pop(field)
+    theirs, ours = rewritten(tmp_path, hf_model("phi3-longrope"), drop)
+    assert_same_logits(theirs, ours, length=12)

@@ -44,7 +44,8 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
     "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768, "sliding_window": 4096},
     "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1_000_000.0, "rms_norm_eps": 1e-5},
-    "phi3": {"rms_norm_eps": 1e-5},
+    # Phi3Config's own fields: its top-level original_max_position_embeddings wins over LongRoPE's.
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
     "ministral3": {"rms_norm_eps": 1e-5, "head_dim": 128, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 16.0, "original_max_position_embeddings": 16384,
         "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}},
@@ -257,7 +258,9 @@ def _rope_fields(hf: dict, model_type: str | None = None) -> dict:
     """rope_theta, rope_scaling, local_rope_theta and partial_rotary_factor from any of
     transformers' spellings. Only Phi-3 rotates part of each head: the other models' RoPE
     ignores a partial_rotary_factor in their config.json."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    # A legacy rope_scaling beside transformers 5's rope_parameters wins, as in its convert_rope_params_to_dict
+    # (what a user adding YaRN to a 5.x config.json by Qwen's long-context instructions gets).
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     full = rope.get("full_attention", rope)
     # Ministral 3 keeps its query scaling beside the RoPE parameters; the other keys there are not RoPE's.
     beta = full.get("llama_4_scaling_beta")

@@ -213,6 +213,33 @@ def _leaf_slots(names: list[str], keys: tuple, layer: int | None, shape: tuple, 
     return {hf: Slot(keys, layer, transpose, tuple(shape[::-1] if transpose else shape))}
 
 
+def fused_expert_parts(name: str, tensor: np.ndarray, slots: dict[str, Slot]) -> list[tuple[str, np.ndarray]] | None:
+    """A mixture-of-experts projection stored fused, as transformers 5's state dict names it
+    (`...experts.gate_up_proj` (experts, 2 * intermediate, hidden), `...experts.down_proj`), as the
+    per-expert tensors our slots expect: [(slot name, part of `tensor`)]. None if `name` is not one.
+
+    >>> slots = {f"experts.{e}.{m}.weight": Slot((), None, True, (3, 4)) for e in range(2) for m in ("gate_proj", "up_proj")}
+    >>> [(n, part.shape) for n, part in fused_expert_parts("experts.gate_up_proj", np.zeros((2, 6, 4)), slots)][:2]
+    [('experts.0.gate_proj.weight', (3, 4)), ('experts.0.up_proj.weight', (3, 4))]
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("experts") or leaf not in EXPERT_MODULES:
+        return None
+    modules = EXPERT_MODULES[leaf]
+    experts = 0
+    while f"{prefix}.{experts}.{modules[0]}.weight" in slots:
+        experts += 1
+    if experts == 0:
+        return None
+    width, fan_in = slots[f"{prefix}.0.{modules[0]}.weight"].shape
+    expected = (experts, len(modules) * width, fan_in)
+    if tuple(tensor.shape) != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {expected} "
+                              f"({experts} experts' {' and '.join(modules)}, fused)")
+    return [(f"{prefix}.{e}.{module}.weight", tensor[e, i * width:(i + 1) * width])
+            for e in range(experts) for i, module in enumerate(modules)]
+
+
 def checkpoint_slots(abstract: dict, arch: Architecture) -> dict[str, Slot]:
     """checkpoint tensor name -> Slot, for every leaf of our (abstract) parameter tree."""
     slots = {}
@@ -415,8 +442,12 @@ def _plan(folder: Path, arch: Architecture, config, quantized_names: list[str] |
         if four_bit is not None and four_bit.take(name, tensor):
             continue
         key = _normalize(name, slots, arch)
+        fused = None if key in slots else fused_expert_parts(key, tensor, slots)
         if key in slots:
             plan.fill(key, tensor, name)
+        elif fused is not None:  # transformers 5's own fused experts: each part fills its expert's slot
+            for part_key, part in fused:
+                plan.fill(part_key, part, name)
         elif key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
             if arch.input_embedding is not None:  # else a head the model does not have (GPT2Model)
                 plan.stored_head = tensor

@@ -74,6 +74,33 @@ def test_logits_equal_transformers(saved, variant):
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
+def test_fused_expert_checkpoint_loads_as_transformers_loads_it(variant, tmp_path):
+    """A checkpoint holding transformers 5's own fused expert parameters (model.state_dict() names:
+    `experts.gate_up_proj` (experts, 2 x intermediate, hidden), `experts.down_proj`), as tools other
+    than save_pretrained write it: transformers loads it, and our logits equal its."""
+    from safetensors.torch import save_file
+
+    model = hf_model(variant)
+    model.config.save_pretrained(tmp_path)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state and state["model.layers.0.mlp.experts.gate_up_proj"].ndim == 3
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    graphdef, params = lorax.split(interop.from_pretrained(tmp_path, progress=False))
+    ids, mask = tokens()
+    with torch.no_grad():
+        expected = theirs(ids, attention_mask=mask).logits.numpy()
+        np.testing.assert_allclose(model(ids, attention_mask=mask).logits.numpy(), expected, atol=1e-6)
+    real = mask.numpy().astype(bool)
+    np.testing.assert_allclose(logits_of(graphdef, params, ids, mask)[real], expected[real], atol=1e-4, rtol=1e-4)
+
+    wrong = {**state, "model.layers.1.mlp.experts.down_proj": state["model.layers.1.mlp.experts.down_proj"][:3].contiguous()}
+    save_file(wrong, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(interop.CheckpointError, match=r"'model\.layers\.1\.mlp\.experts\.down_proj' has shape \(3, "):
+        interop.from_pretrained(tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("variant", ["mixtral", "qwen3-moe"])
 @pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16-params", "fp32-params"])
 def test_bf16_compute_is_close(saved, variant, param_dtype):
     """bf16 compute over bf16 or fp32 parameters (QLoRA's and mixed precision's setting): the expert block

@@ -190,10 +190,19 @@ def tied_head_state(params: Any, config: LoraConfig) -> dict[str, np.ndarray]:
 
 
 def _embedding_bases(params: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """peft's name for the base table of each adapted embedding (peft saves it beside the adapter,
-    save_embedding_layers) -> (our dotted leaf path, the table's shape)."""
-    return {f"{PREFIX}{leaf.path}.base_layer.weight": (path, leaf.w.shape) for path, leaf in leaves_by_path(params)
-            if isinstance(leaf, LoraArray) and path.endswith(".embedding") and leaf.ranks is None}
+    """peft's name for the base weight of each adapted embedding, and of an adapted `lm_head`
+    (peft saves them beside the adapter: save_embedding_layers="auto" covers its
+    EMBEDDING_LAYER_NAMES) -> (our dotted leaf path, the tensor's shape in the file: a head's is
+    torch's (out, in))."""
+    bases = {}
+    for path, leaf in leaves_by_path(params):
+        if not isinstance(leaf, LoraArray) or leaf.ranks is not None or not isinstance(leaf.w, jax.Array):
+            continue
+        if path.endswith(".embedding"):
+            bases[f"{PREFIX}{leaf.path}.base_layer.weight"] = (path, leaf.w.shape)
+        elif path.endswith(".kernel") and leaf.path.rsplit(".", 1)[-1] == "lm_head":
+            bases[f"{PREFIX}{leaf.path}.base_layer.weight"] = (path, leaf.w.shape[::-1])
+    return bases
 
 
 def adapter_config(config: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -415,13 +424,27 @@ def _without_wrapper_copies(tensors: dict[str, np.ndarray], weights: Path) -> di
     for name, value in tensors.items():
         if ".original_module." in name:
             continue
-        plain = re.sub(r"\.modules_to_save\.[^.]+\.", ".", name)
+        plain = _unwrapped(name)
         if plain != name and plain in tensors:
             if not np.array_equal(value, tensors[plain]):
                 raise CheckpointError(f"{weights}: {name!r} differs from {plain!r}, which should be its copy")
             continue
         kept[plain] = value
     return kept
+
+
+def _unwrapped(name: str) -> str:
+    """A modules_to_save wrapper's tensor name as the module's own: peft keeps the adapter name for a
+    container's (`mlp.modules_to_save.default.down_proj.bias`) and has removed it for a single
+    layer's (`down_proj.modules_to_save.bias`).
+
+    >>> _unwrapped("mlp.modules_to_save.default.down_proj.bias"), _unwrapped("down_proj.modules_to_save.bias")
+    ('mlp.down_proj.bias', 'down_proj.bias')
+    """
+    module, wrapper, rest = name.partition(".modules_to_save.")
+    if not wrapper:
+        return name
+    return f"{module}.{rest.split('.', 1)[1] if '.' in rest else rest}"
 
 
 def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np.ndarray]) -> Any:
@@ -433,8 +456,10 @@ def _fill(params: Any, tensors: dict[str, np.ndarray], base_tables: dict[str, np
     def fill_lora(keypath, leaf):
         if not isinstance(leaf, LoraArray):
             return leaf
-        if dotted(keypath) in base_tables:
-            leaf = eqx.tree_at(lambda l: l.w, leaf, jnp.asarray(base_tables[dotted(keypath)], leaf.w.dtype))
+        if dotted(keypath) in base_tables:  # as PeftModel loads it: the file's base replaces the model's
+            table = base_tables[dotted(keypath)]
+            table = table.T if dotted(keypath).endswith(".kernel") else table
+            leaf = eqx.tree_at(lambda l: l.w, leaf, jnp.asarray(table, leaf.w.dtype))
         embedding = dotted(keypath).endswith(".embedding")
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         modules = _module_factors(leaf)

@@ -203,3 +203,38 @@ def test_interrupted_save_keeps_the_previous_adapter(torch_mlp, tmp_path, monkey
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     loaded = interop.load_adapter(tmp_path, base)
     np.testing.assert_array_equal(loaded["seq"][0]["kernel"].a, first["seq"][0]["kernel"].a)
+
+
+@pytest.mark.parametrize("peft_config", [
+    # peft also writes lm_head.base_layer.weight (save_embedding_layers="auto": lm_head is one of its
+    # EMBEDDING_LAYER_NAMES); PeftModel loads that base, and so do we.
+    dict(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False),
+    # with bias="all", a single layer's modules_to_save copy of its bias is written as
+    # `down_proj.modules_to_save.bias` (no adapter name), beside `down_proj.bias`
+    dict(r=4, target_modules=["q_proj"], bias="all", modules_to_save=["down_proj"], init_lora_weights=False),
+], ids=["lm_head-target", "bias-all-with-modules-to-save"])
+def test_peft_written_adapters_load(tmp_path, peft_config):
+    """Adapters as PeftModel.save_pretrained writes them by default load with PeftModel's logits;
+    the lm_head case's saved base is moved off the model's, so using it is seen."""
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)
+
+    def hf_model():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(config).eval()
+
+    hf_model().save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf_model(), peft.LoraConfig(**peft_config))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if param.requires_grad or name.endswith("lm_head.base_layer.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "adapter").eval()(ids).logits.numpy()
+        np.testing.assert_allclose(peft_model.eval()(ids).logits.numpy(), theirs, atol=1e-6)
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    loaded = interop.load_adapter(tmp_path / "adapter", base)
+    np.testing.assert_allclose(np.asarray(lorax.apply(graphdef, loaded, jnp.asarray(ids.numpy()))), theirs,
+                               atol=1e-4, rtol=1e-4)

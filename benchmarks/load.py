@@ -26,11 +26,11 @@ comparison loading into bfloat16 (both sides convert every weight) is printed be
 """
 
 import gc
-import json
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -42,6 +42,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import interop  # noqa: E402
+from interop.checkpoint import safetensors_header  # noqa: E402
 from interop.hf import ALIGNMENT, aligned_empty  # noqa: E402
 from interop.layout_copy import Copy, copy_all  # noqa: E402
 
@@ -85,11 +86,8 @@ def main():
                 sum(float(p.sum()) for p in theirs().parameters())
 
         path = os.path.join(folder, "model.safetensors")
-        with open(path, "rb") as file:
-            header_size = int.from_bytes(file.read(8), "little")
-            header = json.loads(file.read(header_size))
-        header.pop("__metadata__", None)
-        ranges = {name: [8 + header_size + offset for offset in entry["data_offsets"]] for name, entry in header.items()}
+        data_start, entries = safetensors_header(Path(path))
+        ranges = {name: (data_start + start, data_start + end) for name, (_, _, start, end) in entries.items()}
         aligned = sum(start % ALIGNMENT == 0 for start, _ in ranges.values())  # the mapping itself is page-aligned
 
         def plain_copy(names=None):

@@ -165,7 +165,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     # Pretrained BERTs (bert-base-uncased: BertForMaskedLM; the original Google ones: BertForPreTraining)
     # load as their encoder, as transformers' AutoModel loads them, leaving out the pretraining heads.
     **{name: Architecture(BertConfig, BertModel, ignored=BERT_BUFFERS, checkpoint_overrides=_bert_pooler,
-                          input_embedding=None, renames=((r"^bert\.", ""),), skipped=(r"cls\..*",), merged_as={"bert": "BertModel"},
+                          input_embedding=None, renames=((r"^bert\.", ""),), skipped=(r"cls\..*",),
+                          merged_as={"bert": "BertModel"},
                           skipped_as="loads as its encoder (BertModel, as transformers' AutoModel); {count} tensors "
                                      "of its pretraining heads (cls.*) are not loaded")
        for name in ("BertForMaskedLM", "BertForPreTraining")},
@@ -201,12 +202,17 @@ def _hf_leaf(name: str) -> str:
 EXPERT_MODULES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 
 
+def _expert_tensor(experts: str, expert: int, module: str) -> str:
+    """The checkpoint's name for one expert's projection: `...experts.3.gate_proj.weight`."""
+    return f"{experts}.{expert}.{module}.weight"
+
+
 def _leaf_slots(names: list[str], keys: tuple, layer: int | None, shape: tuple, transpose: bool) -> dict[str, Slot]:
     """The checkpoint tensors of one (layer of a) leaf: itself, or one per expert and fused part."""
     if names[-2:-1] == ["experts"] and names[-1] in EXPERT_MODULES and len(shape) == 3:
         parts = EXPERT_MODULES[names[-1]]
         width = shape[2] // len(parts)
-        return {".".join([*names[:-1], str(expert), module, "weight"]):
+        return {_expert_tensor(".".join(names[:-1]), expert, module):
                 Slot(keys, layer, True, (width, shape[1]), (expert, slice(None), slice(i * width, (i + 1) * width)))
                 for expert in range(shape[0]) for i, module in enumerate(parts)}
     hf = ".".join([*names[:-1], _hf_leaf(names[-1])])
@@ -227,16 +233,16 @@ def fused_expert_parts(name: str, tensor: np.ndarray, slots: dict[str, Slot]) ->
         return None
     modules = EXPERT_MODULES[leaf]
     experts = 0
-    while f"{prefix}.{experts}.{modules[0]}.weight" in slots:
+    while _expert_tensor(prefix, experts, modules[0]) in slots:
         experts += 1
     if experts == 0:
         return None
-    width, fan_in = slots[f"{prefix}.0.{modules[0]}.weight"].shape
+    width, fan_in = slots[_expert_tensor(prefix, 0, modules[0])].shape
     expected = (experts, len(modules) * width, fan_in)
     if tuple(tensor.shape) != expected:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {expected} "
                               f"({experts} experts' {' and '.join(modules)}, fused)")
-    return [(f"{prefix}.{e}.{module}.weight", tensor[e, i * width:(i + 1) * width])
+    return [(_expert_tensor(prefix, e, module), tensor[e, i * width:(i + 1) * width])
             for e in range(experts) for i, module in enumerate(modules)]
 
 
@@ -442,10 +448,9 @@ def _plan(folder: Path, arch: Architecture, config, quantized_names: list[str] |
         if four_bit is not None and four_bit.take(name, tensor):
             continue
         key = _normalize(name, slots, arch)
-        fused = None if key in slots else fused_expert_parts(key, tensor, slots)
         if key in slots:
             plan.fill(key, tensor, name)
-        elif fused is not None:  # transformers 5's own fused experts: each part fills its expert's slot
+        elif (fused := fused_expert_parts(key, tensor, slots)) is not None:  # transformers 5's own fused experts: each part fills its expert's slot
             for part_key, part in fused:
                 plan.fill(part_key, part, name)
         elif key == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
@@ -500,6 +505,16 @@ def stored_dtype(folder: Path, hf_config: dict) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def _requested_dtype(dtype: Any, what: str, folder: Path, hf_config: dict) -> np.dtype | None:
+    """from_pretrained's `dtype` / `param_dtype` argument (named `what`) as a numpy dtype: None stays None, "auto" is
+    the checkpoint's."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype == "auto":
+        return stored_dtype(folder, hf_config)
+    return float_dtype(dtype, what)
+
+
 def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
                     progress: bool = True, mesh: Mesh | None = None) -> nnx.Module:
     """Load a local Hugging Face model folder as our NNX model.
@@ -534,9 +549,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     _, arch = architecture_of(hf_config)
     quantized = check_quantization(hf_config)
     # Checked before any weight is read; flax's own error for an integer dtype comes from deep in a layer's init.
-    dtype, param_dtype = (None if d is None else stored_dtype(folder, hf_config) if isinstance(d, str) and d == "auto"
-                          else float_dtype(d, name) for d, name in ((dtype, "dtype"), (param_dtype, "param_dtype")))
-    param_dtype = param_dtype or dtype
+    dtype = _requested_dtype(dtype, "dtype", folder, hf_config)
+    param_dtype = _requested_dtype(param_dtype, "param_dtype", folder, hf_config) or dtype
     if np.dtype(np.float64) in (dtype, param_dtype) and not jax.config.jax_enable_x64:
         raise LoraError("float64 needs jax.config.update('jax_enable_x64', True) first; JAX would use float32")
     # Only the names are read here (safetensors headers; a .bin is memory-mapped), not the weights.

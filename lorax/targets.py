@@ -342,7 +342,7 @@ def _parameter_targets(config: LoraConfig, all_modules: dict[str, Module], exper
 TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 
 
-def with_task_modules(config: LoraConfig, params: Any) -> LoraConfig:
+def with_task_modules(config: LoraConfig, all_modules: dict[str, Module]) -> LoraConfig:
     """`config` with the head that peft's task model for its task_type trains added to
     modules_to_save (those of TASK_MODULES the model has), as peft does: with task_type="SEQ_CLS"
     a BERT classifier's `classifier` is trained and saved with the adapter. The task's names that
@@ -350,7 +350,7 @@ def with_task_modules(config: LoraConfig, params: Any) -> LoraConfig:
     names = TASK_MODULES.get(config.task_type)
     if not names:
         return config
-    paths = [p for p in modules(params) if p]
+    paths = [p for p in all_modules if p]
     listed = [n for n in (config.modules_to_save or []) if n not in names]
     present = [n for n in names if any(p.endswith(n) for p in paths)]
     return dataclasses.replace(config, modules_to_save=(listed + present) or None)

@@ -180,9 +180,9 @@ def lora(
     """
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
-    config = with_task_modules(config, params)
-    targets = select_targets(config, params, output_head=output_head)
     all_modules = modules(params)
+    config = with_task_modules(config, all_modules)
+    targets = select_targets(config, params, output_head=output_head)
     by_leaf: dict[str, list[Target]] = {}
     for t in targets:
         by_leaf.setdefault(t.stored_leaf, []).append(t)

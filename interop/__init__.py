@@ -17,3 +17,7 @@ __all__ += ["load_adapter", "save_adapter"]
 from interop.export import save_merged  # noqa: E402
 
 __all__ += ["save_merged"]
+
+from interop.generation import generation_tokens  # noqa: E402
+
+__all__ += ["generation_tokens"]

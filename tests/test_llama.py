@@ -294,6 +294,46 @@ def test_generation_stops_at_eos_as_transformers(saved):
         assert (ended == 7).all() and not (free[0, 9:] == 7).all()
 
 
+@pytest.mark.parametrize("source", ["generation_config.json", "config.json"])
+def test_generation_tokens_are_transformers_defaults(saved, tmp_path, source):
+    """`interop.generation_tokens(folder)` are the EOS and pad tokens transformers' generate takes
+    by default (generation_config.json's, else config.json's, padding with the first EOS), so that
+    generate called with them stops where transformers' stops when called with nothing. The EOS
+    tokens are among those the model generates, so that stopping really happens."""
+    model, folder = saved["llama3"]
+    graphdef, params = lorax.split(interop.from_pretrained(folder, progress=False))
+    ids, mask = tokens(length=5, seed=1)
+    args = (graphdef, params, jnp.asarray(ids.numpy()))
+    kwargs = dict(attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10)
+    free = np.asarray(generate(*args, **kwargs))
+    eos = [int(free[0, 8]), int(free[1, 12])]
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("eos_token_id", None), config.pop("pad_token_id", None)
+    if source == "generation_config.json":
+        (tmp_path / source).write_text(json.dumps({"eos_token_id": eos}))
+    else:
+        config["eos_token_id"] = eos
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False).numpy()
+    found = interop.generation_tokens(tmp_path)
+    assert found == {"eos_token_id": tuple(eos), "pad_token_id": eos[0]}
+    ours = np.asarray(generate(*args, **kwargs, **found))
+    assert_same_generation(ours, theirs, pad_token_id=eos[0])
+    assert not np.array_equal(ours, free)
+
+
+def test_generation_tokens_name_a_bad_field(saved, tmp_path):
+    _, folder = saved["llama3"]
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(interop.CheckpointError, match=r"generation_config\.json: eos_token_id should be a token id"):
+        interop.generation_tokens(tmp_path)
+
+
 LORA_CONFIGS = [
     dict(r=4, target_modules=["q_proj", "v_proj"]),
     dict(r=2, target_modules="all-linear"),

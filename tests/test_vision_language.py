@@ -7,6 +7,7 @@ merged model saves as the causal LM transformers loads."""
 import functools
 import json
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +269,31 @@ def test_bitsandbytes_4bit_checkpoint_loads_text_only(saved, tmp_path):
     assert isinstance(params["model"]["language_model"]["layers"]["*"]["mlp"]["down_proj"]["kernel"], lorax.Nf4Array)
     ids, mask = tokens()
     assert_close_unpadded(logits_of(graphdef, params, ids, mask), torch_logits(bnb, ids, mask), mask)
+
+
+def test_generation_tokens_of_the_text_config(saved, tmp_path):
+    """A vision-language config.json keeps its EOS in `text_config`: `interop.generation_tokens`
+    reads it there, as transformers does without a generation_config.json, and generation stops
+    at the same place. The EOS is a token the model generates, so that stopping really happens."""
+    from lorax.models.generate import generate
+
+    shutil.copytree(saved["gemma3-untied"], tmp_path, dirs_exist_ok=True)
+    graphdef, params = load(tmp_path)
+    ids, mask = tokens(length=5)
+    args = (graphdef, params, jnp.asarray(ids.numpy()))
+    kwargs = dict(attention_mask=jnp.asarray(mask.numpy()), max_new_tokens=10)
+    free = np.asarray(generate(*args, **kwargs))
+    eos = int(free[0, 8])
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    for fields in (config, config["text_config"]):
+        fields.pop("eos_token_id", None), fields.pop("pad_token_id", None)
+    config["text_config"]["eos_token_id"] = eos
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        theirs = hf_from(tmp_path).generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False).numpy()
+    found = interop.generation_tokens(tmp_path)
+    assert found == {"eos_token_id": (eos,), "pad_token_id": eos}
+    ours = np.asarray(generate(*args, **kwargs, **found))
+    np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+    assert not np.array_equal(ours, free)

@@ -4,7 +4,7 @@ few threads.
 Loading is one copy of the checkpoint (our kernels are (in, out), torch's weights (out, in), and
 layers are stacked), so the copy is the load time. numpy's `dst[...] = src.T` walks one side of a
 large matrix with a stride of a whole row, missing the cache and the TLB on every element;
-copying in tiles of 32 rows keeps both sides of a tile in cache (2-4x faster on a 65 MB LM head).
+copying in tiles of 64 rows keeps both sides of a tile in cache (2-4x faster on a 65 MB LM head).
 numpy releases the GIL inside each tile's copy, so a small thread pool copies tiles of different
 tensors at once.
 
@@ -22,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from tqdm.auto import tqdm
 
-# A tile of TILE_ROWS source rows by at most TILE_COLUMNS columns: 64 KB in fp32, which fits
-# in L2 with its transposed destination (measured best of 16/32/64/128 rows on a 32000x512 head).
-TILE_ROWS = 32
+# A tile of TILE_ROWS source rows by at most TILE_COLUMNS columns: 128 KB in fp32, which fits
+# in L2 with its transposed destination. Whole-load medians of benchmarks/load.py's checkpoint:
+# on a 2-core Xeon (2 MB L2), 32 rows 0.086-0.100 s, 64 rows 0.069-0.082 s, 128 rows 0.068-0.072 s;
+# an earlier AMD machine had 32 rows best, so 64 (fewer Python steps, still small for L2).
+TILE_ROWS = 64
 TILE_COLUMNS = 512
 # Work is handed to the threads in pieces of about this many bytes, so that one large tensor
 # (an LM head) is shared between them too.

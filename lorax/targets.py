@@ -213,6 +213,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
             config = dataclasses.replace(config, target_modules=remaining)
         match_modules = bool(remaining) or not targets
     if match_modules:
+        _check_tied_head_unnamed(config, all_modules, output_head)
         _check_every_name_matches(config, all_modules)
     saved = saved_module_paths(config, params)
     for path, module in all_modules.items():
@@ -354,6 +355,30 @@ def with_task_modules(config: LoraConfig, all_modules: dict[str, Module]) -> Lor
     listed = [n for n in (config.modules_to_save or []) if n not in names]
     present = [n for n in names if any(p.endswith(n) for p in paths)]
     return dataclasses.replace(config, modules_to_save=(listed + present) or None)
+
+
+def _check_tied_head_unnamed(config: LoraConfig, all_modules: dict[str, Module], output_head: str | None) -> None:
+    """An output head tied to the input embeddings (tie_word_embeddings) has no weight of its own
+    in the tree: the model multiplies by the embedding table. peft can still wrap the head module
+    (an adapter on the shared weight, or a trained copy of it); lorax cannot, so a config that
+    names the head is refused with what to do instead, rather than adapting less than peft would."""
+    if not output_head or output_head in all_modules:
+        return
+    targets = config.target_modules
+    named = [("target_modules", targets)] if isinstance(targets, str) and targets.lower() != ALL_LINEAR and \
+        _matches_names(targets, output_head) else []
+    if isinstance(targets, (list, tuple)):
+        named += [("target_modules entry", name) for name in targets if _matches_names([name], output_head)]
+    named += [("modules_to_save entry", name) for name in config.modules_to_save or () if output_head.endswith(name)]
+    if named:
+        field, name = named[0]
+        tables = [p for p, m in all_modules.items() if m.kind == "embedding"]
+        raise TargetError(
+            f"{field} {name!r} names the output head {output_head!r}, which this model ties to its input embeddings "
+            f"(tie_word_embeddings): it has no weight of its own to adapt or copy. Adapt the embeddings instead "
+            f"({listing(tables) or 'none'}): with ensure_weight_tying=True the tied head uses their adapter (peft "
+            f"moves an adapter named {output_head!r} there too); with False it keeps the frozen table"
+        )
 
 
 def _check_every_name_matches(config: LoraConfig, all_modules: dict[str, Module]) -> None:

@@ -162,3 +162,33 @@ def test_stored_head_of_a_tied_config_loads_as_transformers_loads_it(tied_model,
     adapted = lorax.lora(params, lorax.LoraConfig(**config), key=jax.random.key(0))
     assert lorax.count_parameters(adapted)[1] == peft.get_peft_model(theirs, peft.LoraConfig(**config)) \
         .get_nb_trainable_parameters()[1]
+
+
+HEAD_FIELDS = {
+    "target": dict(target_modules=["lm_head"]),
+    "regex": dict(target_modules=r"(.*\.)?(lm_head|q_proj|c_attn)"),
+    "modules_to_save": dict(target_modules=["q_proj", "c_attn"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("fields", list(HEAD_FIELDS))
+def test_naming_the_tied_head_is_refused_with_what_to_do(tied_model, fields, tmp_path):
+    """peft wraps a tied `lm_head` itself (an adapter on the shared weight, or a trained copy: its
+    adapter file has lm_head tensors); our tied model has no head weight, so such a config or
+    adapter is refused, naming the tie and the embeddings to adapt instead, not adapted less."""
+    architecture, hf, _, base = tied_model
+    fields = {k: [n for n in v if n in ("lm_head", ARCHITECTURES[architecture][2])] if isinstance(v, list) and k ==
+              "target_modules" else v for k, v in HEAD_FIELDS[fields].items()}
+    config = peft.LoraConfig(r=4, **fields)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's own warning about tied layers
+        peft.get_peft_model(copy.deepcopy(hf), config).save_pretrained(tmp_path)
+    from safetensors.numpy import load_file
+
+    assert any(".lm_head." in name for name in load_file(tmp_path / "adapter_model.safetensors"))
+    embeddings = ARCHITECTURES[architecture][1]
+    refusal = rf"'lm_head'.* ties to its input embeddings .*{embeddings}"
+    with pytest.raises(lorax.TargetError, match=refusal):
+        interop.load_adapter(tmp_path, base, output_head="lm_head")
+    with pytest.raises(lorax.TargetError, match=refusal):
+        lorax.lora(base, lorax.LoraConfig(r=4, **fields), key=jax.random.key(0), output_head="lm_head")

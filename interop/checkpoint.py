@@ -15,6 +15,7 @@ reading it here is short; every offset is checked so a truncated file is named, 
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import zipfile
@@ -271,14 +272,39 @@ def leaf_at(tree: dict, keys: tuple) -> Any:
     return tree
 
 
+def _file_mode() -> int:
+    """The mode `open()` gives a new file (0o666 less the umask); mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _keep_copy(path: Path) -> str:
+    """A second name for the file at `path` (a hard link, or a copy where links are not
+    supported), so that it can be put back."""
+    handle, backup = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")
+    os.close(handle)
+    os.remove(backup)
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+    return backup
+
+
 def atomic_write(folder: Path, files: dict[str, bytes | Callable[[str], None]]) -> None:
-    """Write every file to a temporary name in `folder` first, then rename each into place: an
-    interrupted save leaves the previous files whole. A file's content is bytes, or a function that
-    writes the file at the path it is given (so that large files are produced one at a time).
+    """Write a set of files into `folder` so that a failed or interrupted save loses nothing:
+    every file goes to a temporary name first; then each is renamed into place, the file it
+    replaces kept under a second name until all are in; if anything fails (Ctrl-C included), the
+    files already replaced are put back and the new ones removed, so the folder holds the whole
+    previous save, never a mix of two. A file's content is bytes, or a function that writes the
+    file at the path it is given (so that large files are produced one at a time). Files get the
+    mode a plain `open()` gives them.
 
     >>> atomic_write(getfixture("tmp_path"), {"a.txt": b"1", "b.txt": lambda p: Path(p).write_text("2")})
     """
-    temporary = {}
+    temporary, replaced = {}, []  # name -> new file's temporary path; (name, backup path or None)
+    mode = _file_mode()
     try:
         for name, content in files.items():
             handle, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
@@ -288,9 +314,22 @@ def atomic_write(folder: Path, files: dict[str, bytes | Callable[[str], None]]) 
                 content(path)
             else:
                 Path(path).write_bytes(content)
+            os.chmod(path, mode)
         for name, path in temporary.items():
-            os.replace(path, folder / name)
+            target = folder / name
+            backup = _keep_copy(target) if target.exists() else None
+            replaced.append((name, backup))
+            os.replace(path, target)
+    except BaseException:
+        for name, backup in reversed(replaced):
+            if os.path.exists(temporary[name]):
+                continue  # its rename did not happen: the previous file is still in place
+            if backup is not None:
+                os.replace(backup, folder / name)
+            else:
+                os.remove(folder / name)
+        raise
     finally:
-        for path in temporary.values():
+        for path in [*temporary.values(), *(backup for _, backup in replaced if backup)]:
             if os.path.exists(path):
                 os.remove(path)

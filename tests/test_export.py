@@ -1,6 +1,8 @@
 """Merged models out: save_merged writes what transformers loads, with the adapted model's logits
 and the same weights as peft's merge_and_unload."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,48 @@ def test_interrupted_sharded_save_keeps_the_previous_one(tmp_path, monkeypatch):
         interop.save_merged(tmp_path / "out", graphdef, jax.tree_util.tree_map(lambda x: x + 1, base),
                             max_shard_size=60_000, progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize("failing", ["second rename", "last rename"])
+def test_save_interrupted_between_renames_restores_the_previous_one(tmp_path, monkeypatch, failing):
+    """All files are written, and some already renamed over the previous save's, when the save is
+    interrupted: the replaced files are put back and the new ones (here also shards with names the
+    previous save did not have) removed, so the folder is the whole previous save, never a mix.
+    Files get the mode a plain open() gives (not mkstemp's 0o600)."""
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    out = tmp_path / "out"
+    interop.save_merged(out, graphdef, base, max_shard_size=120_000, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+
+    import interop.checkpoint as checkpoint_module
+
+    renames, original = [], os.replace
+
+    def replace(source, target):
+        if str(source).endswith(".tmp"):  # a new file going into place (not a restore)
+            renames.append(target)
+            if len(renames) == stop_at:
+                raise KeyboardInterrupt(f"killed before rename {stop_at}")
+        original(source, target)
+
+    new = jax.tree_util.tree_map(lambda x: x + 1, base)
+    stop_at = 10 ** 9
+    monkeypatch.setattr(checkpoint_module.os, "replace", replace)
+    interop.save_merged(tmp_path / "count", graphdef, new, max_shard_size=60_000, progress=False)
+    stop_at, count = (2 if failing == "second rename" else len(renames)), len(renames)
+    renames.clear()
+    assert count > len(before)  # the new save has more shards, with other names
+    with pytest.raises(KeyboardInterrupt):
+        interop.save_merged(out, graphdef, new, max_shard_size=60_000, progress=False)
+    assert len(renames) == stop_at
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    np.testing.assert_array_equal(reloaded.model.norm.weight.detach().numpy(), np.asarray(base["model"]["norm"]["weight"]))
 
 
 def test_save_merged_refuses_what_transformers_could_not_load(tmp_path):

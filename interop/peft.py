@@ -31,15 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import CheckpointError, atomic_write, local_folder, read_safetensors
+from interop.checkpoint import CheckpointError, atomic_write, local_folder, read_safetensors, read_torch_bin
 from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
-from lorax.errors import LoraError, listing
+from lorax.errors import LoraConfigError, LoraError, listing
 from lorax.targets import STACK, dotted, leaves_by_path, modules
 from lorax.transform import disable_adapters, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# peft's file with safe_serialization=False; read with torch.load(weights_only=True) only.
+ADAPTER_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 # Modules whose torch weight is (in, out) already: GPT-2's Conv1D layers.
 CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc"})
@@ -347,7 +349,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise CheckpointError(f"no {ADAPTER_CONFIG} in {directory}: not a peft adapter folder")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: must hold a JSON object (peft's LoraConfig fields), not {type(raw).__name__}")
@@ -359,7 +361,10 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
                                         "auto_mapping", "peft_version") and raw[name] not in (default, None, {}, [], False):
             raise LoraError(f"{path}: {name}={raw[name]!r} is a peft feature lorax does not support yet")
     fields = {k: v for k, v in raw.items() if k not in PEFT_BOOKKEEPING}
-    return LoraConfig.from_dict(fields)
+    try:
+        return LoraConfig.from_dict(fields)
+    except LoraConfigError as error:
+        raise LoraConfigError(f"{path}: {error}") from None
 
 
 def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head: str | None = None) -> Any:
@@ -378,9 +383,12 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
     folder = local_folder(directory)
     config = read_adapter_config(folder)
     weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {folder}")
-    tensors = _without_wrapper_copies(dict(read_safetensors(weights)), weights)
+    if not weights.is_file() and (folder / ADAPTER_BIN).is_file():
+        weights = folder / ADAPTER_BIN  # PeftModel.save_pretrained(..., safe_serialization=False)
+    elif not weights.is_file():
+        raise CheckpointError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_BIN}) in {folder}")
+    read = read_torch_bin if weights.suffix == ".bin" else read_safetensors
+    tensors = _without_wrapper_copies(dict(read(weights)), weights)
     params = lora(base_params, config, key=jax.random.key(0), output_head=output_head)
     expected = adapter_state(params)
     bases = _embedding_bases(params)

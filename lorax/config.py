@@ -89,6 +89,10 @@ class LoraConfig:
     ensure_weight_tying: bool = False
 
     def __post_init__(self):
+        # peft's types are Optional[dict]; adapter_config.json files may say null.
+        for name in ("rank_pattern", "alpha_pattern"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, {})
         _validate(self)
 
     def scale_for(self, r: int, alpha: float) -> float:
@@ -139,10 +143,65 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_names(value, allow_string: bool) -> bool:
+    """A list (tuple, set) of strings, or (where allowed) one string."""
+    if isinstance(value, str):
+        return allow_string
+    return isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(name, str) for name in value)
+
+
+def _regex_error(pattern: str, form: str = "{}") -> str | None:
+    try:
+        re.compile(form.format(pattern))
+    except re.error as error:
+        return str(error)
+    return None
+
+
+def _validate_types(c: LoraConfig, fail) -> None:
+    """Each field of the type peft gives it (an adapter_config.json edited by hand, or written by
+    another tool, can hold anything), and each regex compiles, so that a bad value is named here
+    rather than failing deep inside target matching or, worse, being read as something else."""
+    for name in ("use_rslora", "use_dora", "fan_in_fan_out", "ensure_weight_tying"):
+        if not isinstance(getattr(c, name), bool):
+            fail(f"{name} must be a bool (true or false), got {getattr(c, name)!r}")
+    if not _is_number(c.lora_dropout):
+        fail(f"lora_dropout must be a number in [0, 1), got {c.lora_dropout!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(c, name)
+        if not isinstance(patterns, dict) or not all(isinstance(key, str) for key in patterns):
+            fail(f"{name} must be a dict of module-name patterns, got {patterns!r}")
+        for key in patterns:
+            # as lorax.targets matches them: the pattern against a `.`-suffix of the module path
+            if error := _regex_error(key, r"(.*\.)?({})$"):
+                fail(f"{name} key {key!r} is not a valid regex: {error}")
+    for name, form in (("target_modules", "a list of module names or a regex string"),
+                       ("exclude_modules", "a list of module names or a regex string"),
+                       ("modules_to_save", "a list of module names"), ("layers_pattern", "a name or a list of names"),
+                       ("target_parameters", "a list of parameter names")):
+        value = getattr(c, name)
+        if value is not None and not _is_names(value, allow_string=" or " in form):
+            fail(f"{name} must be {form}, got {value!r}")
+    if isinstance(c.exclude_modules, str) and (error := _regex_error(c.exclude_modules)):
+        fail(f"exclude_modules regex {c.exclude_modules!r} does not compile: {error}")
+    layers = c.layers_pattern
+    for pattern in [layers] if isinstance(layers, str) else layers or ():
+        if error := _regex_error(pattern):
+            fail(f"layers_pattern {pattern!r} is not a valid regex: {error}")
+    index = c.layers_to_transform
+    if index is not None and not (_is_index(index) or isinstance(index, (list, tuple)) and all(map(_is_index, index))):
+        fail(f"layers_to_transform must be a layer index or a list of them, got {index!r}")
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _validate(c: LoraConfig) -> None:
     def fail(message):
         raise LoraConfigError(message)
 
+    _validate_types(c, fail)
     if not isinstance(c.r, int) or isinstance(c.r, bool) or c.r <= 0:
         fail(f"r must be a positive integer, got {c.r!r}")
     # Any finite number, as in peft (a negative or zero alpha is odd but well defined).
@@ -170,9 +229,6 @@ def _validate(c: LoraConfig) -> None:
             fail(f"init_lora_weights='orthogonal' needs even ranks (half of Q's rows go to A, half to B); odd: {odd}")
     if c.task_type is not None and c.task_type not in TASK_TYPES:
         fail(f"task_type must be one of {TASK_TYPES} or None, got {c.task_type!r}")
-    if c.target_parameters is not None and (isinstance(c.target_parameters, str) or not all(
-            isinstance(name, str) for name in c.target_parameters)):
-        fail(f"target_parameters must be a list of parameter names, got {c.target_parameters!r}")
     if c.target_modules is None and not c.target_parameters:
         fail('target_modules is required: a list of module names, a regex, or "all-linear"')
     if c.target_modules is not None and not isinstance(c.target_modules, str) and (
@@ -185,16 +241,10 @@ def _validate(c: LoraConfig) -> None:
         fail("layers_pattern cannot be used when target_modules is a regex string; give a list of names")
     if c.layers_pattern and c.layers_to_transform is None:
         fail("layers_pattern only has a meaning together with layers_to_transform")
-    if c.modules_to_save is not None and isinstance(c.modules_to_save, str):
-        fail(f"modules_to_save must be a list of module names, got the string {c.modules_to_save!r}")
-    if not isinstance(c.target_modules, str) and c.modules_to_save:
+    if isinstance(c.target_modules, (list, tuple, set, frozenset)) and c.modules_to_save:
         both = sorted(set(c.target_modules) & set(c.modules_to_save))
         if both:
             fail(
                 f"{both} are in both target_modules and modules_to_save: a module either gets an adapter "
                 "or is trained in full, not both"
             )
-    if not isinstance(c.fan_in_fan_out, bool):
-        fail(f"fan_in_fan_out must be a bool, got {c.fan_in_fan_out!r}")
-    if not isinstance(c.ensure_weight_tying, bool):
-        fail(f"ensure_weight_tying must be a bool, got {c.ensure_weight_tying!r}")

@@ -32,11 +32,39 @@ def mlp_params():
         (dict(target_modules=r".*q", layers_to_transform=[0]), r"layers_to_transform cannot be used when target_modules is a regex"),
         (dict(target_modules=["q"], layers_pattern="layers"), r"layers_pattern only has a meaning together with layers_to_transform"),
         (dict(target_modules=["q", "head"], modules_to_save=["head"]), r"\['head'\] are in both target_modules and modules_to_save"),
+        # The types peft gives its fields: a string "false" would otherwise read as true.
+        (dict(target_modules=["q"], use_rslora="false"), r"use_rslora must be a bool \(true or false\), got 'false'"),
+        (dict(target_modules=["q"], use_dora="false"), r"use_dora must be a bool"),
+        (dict(target_modules=["q"], lora_dropout=None), r"lora_dropout must be a number in \[0, 1\), got None"),
+        (dict(target_modules=["q"], lora_dropout="0.1"), r"lora_dropout must be a number"),
+        (dict(target_modules=["q"], rank_pattern=[1]), r"rank_pattern must be a dict of module-name patterns"),
+        (dict(target_modules=[1]), r"target_modules must be a list of module names or a regex string, got \[1\]"),
+        (dict(target_modules=["q"], modules_to_save=[1]), r"modules_to_save must be a list of module names"),
+        (dict(target_modules=["q"], modules_to_save="head"), r"modules_to_save must be a list of module names"),
+        (dict(target_modules=["q"], layers_to_transform="0"), r"layers_to_transform must be a layer index or a list"),
+        (dict(target_modules=["q"], layers_to_transform=[0, True]), r"layers_to_transform must be a layer index"),
+        (dict(target_parameters="experts.down_proj"), r"target_parameters must be a list of parameter names"),
+        # regexes compiled up front, with the field named
+        (dict(target_modules=["q"], exclude_modules="(x"), r"exclude_modules regex '\(x' does not compile"),
+        (dict(target_modules=["q"], rank_pattern={"(seq": 2}), r"rank_pattern key '\(seq' is not a valid regex"),
+        (dict(target_modules=["q"], alpha_pattern={"(seq": 2}), r"alpha_pattern key '\(seq' is not a valid regex"),
+        (dict(target_modules=["q"], layers_to_transform=[0], layers_pattern="(layers"), r"layers_pattern '\(layers' is not a valid regex"),
     ],
 )
 def test_bad_config_fields(fields, message):
     with pytest.raises(lorax.LoraConfigError, match=message):
         lorax.LoraConfig(**fields)
+
+
+def test_null_patterns_read_as_empty_as_in_peft():
+    """peft types rank_pattern / alpha_pattern as Optional[dict]: null in adapter_config.json is no pattern."""
+    config = lorax.LoraConfig(target_modules=["q"], rank_pattern=None, alpha_pattern=None)
+    assert config.rank_pattern == {} and config.alpha_pattern == {}
+
+
+def test_target_parameters_with_modules_to_save_and_no_target_modules():
+    config = lorax.LoraConfig(target_parameters=["experts.down_proj"], modules_to_save=["score"])
+    assert config.target_modules is None
 
 
 def test_target_that_matches_nothing_lists_modules_and_nearest():

@@ -172,7 +172,14 @@ def test_bad_adapter_files_are_named(torch_mlp, tmp_path):
     with pytest.raises(interop.CheckpointError, match=r"adapter_config.json: must hold a JSON object"):
         interop.load_adapter(tmp_path, base)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**json.loads(config), "lora_alpha": "eight"}))
-    with pytest.raises(lorax.LoraConfigError, match=r"lora_alpha must be a number, got 'eight'"):
+    with pytest.raises(lorax.LoraConfigError, match=r"adapter_config.json: lora_alpha must be a number, got 'eight'"):
+        interop.load_adapter(tmp_path, base)
+    # a string would read as true: rsLoRA's scale instead of the file's
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**json.loads(config), "use_rslora": "false"}))
+    with pytest.raises(lorax.LoraConfigError, match=r"adapter_config.json: use_rslora must be a bool"):
+        interop.load_adapter(tmp_path, base)
+    (tmp_path / "adapter_config.json").write_bytes(b"\xff\xfe" + config.encode("utf-16-le"))
+    with pytest.raises(interop.CheckpointError, match=r"adapter_config.json: not valid JSON"):
         interop.load_adapter(tmp_path, base)
     (tmp_path / "adapter_config.json").write_text(config)
     from safetensors.numpy import load_file, save_file
@@ -213,8 +220,10 @@ def test_interrupted_save_keeps_the_previous_adapter(torch_mlp, tmp_path, monkey
     # `down_proj.modules_to_save.bias` (no adapter name), beside `down_proj.bias`
     dict(r=4, target_modules=["q_proj"], bias="all", modules_to_save=["down_proj"], init_lora_weights=False),
 ], ids=["lm_head-target", "bias-all-with-modules-to-save"])
-def test_peft_written_adapters_load(tmp_path, peft_config):
-    """Adapters as PeftModel.save_pretrained writes them by default load with PeftModel's logits;
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+def test_peft_written_adapters_load(tmp_path, peft_config, safe_serialization):
+    """Adapters as PeftModel.save_pretrained writes them by default load with PeftModel's logits,
+    and so does its adapter_model.bin (safe_serialization=False, read with weights_only=True);
     the lm_head case's saved base is moved off the model's, so using it is seen."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)
@@ -229,7 +238,8 @@ def test_peft_written_adapters_load(tmp_path, peft_config):
         for name, param in peft_model.named_parameters():
             if param.requires_grad or name.endswith("lm_head.base_layer.weight"):
                 param.add_(0.1 * torch.randn_like(param))
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=safe_serialization)
+    assert (tmp_path / "adapter" / "adapter_model.bin").is_file() != safe_serialization
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "adapter").eval()(ids).logits.numpy()

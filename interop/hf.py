@@ -319,6 +319,13 @@ def read_model_config(folder: Path, hf_config: dict, arch: Architecture, **field
            and f.default is dataclasses.MISSING and not (type(getattr(config, f.name)) is int and getattr(config, f.name) > 0)}
     if bad:
         raise CheckpointError(f"{path}: these sizes must be positive integers: {bad}")
+    # Numbers (eps, rope_theta, soft caps) are only used inside the jitted forward pass, where a
+    # string ("1e-6") would fail far from the file.
+    wrong = {f.name: value for f in dataclasses.fields(config) if str(f.type) in ("<class 'float'>", "float | None")
+             and not (isinstance(value := getattr(config, f.name), (int, float)) and not isinstance(value, bool)
+                      or value is None and "None" in str(f.type))}
+    if wrong:
+        raise CheckpointError(f"{path}: these fields must be numbers: {wrong}")
     return config
 
 
@@ -350,6 +357,7 @@ def architecture_of(config: dict) -> tuple[str, Architecture]:
     """config.json's architecture (the first of "architectures" we have), or without that field
     the default one for its model_type."""
     names = config.get("architectures") or []
+    names = [names] if isinstance(names, str) else names  # one name, not in a list: as transformers reads it
     for name in names:
         if name in ARCHITECTURES:
             return name, ARCHITECTURES[name]

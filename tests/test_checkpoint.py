@@ -222,7 +222,8 @@ def test_tensor_that_does_not_fit_the_model(folder, tmp_path):
             interop.from_pretrained(target, progress=False)
 
 
-@pytest.mark.parametrize("case", ["a-list", "no-hidden-size", "zero-heads", "size-as-text", "quantization-a-list"])
+@pytest.mark.parametrize("case", ["a-list", "no-hidden-size", "zero-heads", "size-as-text", "eps-as-text",
+                                  "rope-theta-as-text", "quantization-a-list"])
 def test_config_json_that_cannot_be_read(folder, tmp_path, case):
     target = copy_of(folder, tmp_path / case)
     config = json.loads((target / "config.json").read_text())
@@ -237,6 +238,13 @@ def test_config_json_that_cannot_be_read(folder, tmp_path, case):
     elif case == "size-as-text":
         config["hidden_size"] = "32"
         message = r"cannot be read|must be positive integers: \{'hidden_size': '32'\}"
+    elif case == "eps-as-text":  # before, it loaded and the forward pass failed adding a str to a tracer
+        config["rms_norm_eps"] = "1e-6"
+        message = r"must be numbers: \{'rms_norm_eps': '1e-6'\}"
+    elif case == "rope-theta-as-text":
+        config["rope_theta"] = "10000"
+        config.pop("rope_parameters", None)
+        message = r"cannot be read|must be numbers: \{'rope_theta': '10000'\}"
     else:
         config["quantization_config"] = [{"load_in_4bit": True}]
         message = r"quantization_config is a list, not an object"

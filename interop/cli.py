@@ -76,7 +76,11 @@ def _records(path: str) -> list[dict]:
     from lorax.errors import LoraError
 
     records = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise LoraError(f"{path}: not UTF-8 text, as JSONL must be ({error})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

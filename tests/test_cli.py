@@ -84,12 +84,13 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
     (['[1, 2, 3]'], r"line 1: a record must be a JSON object, not list"),
     (['{"input_ids": "1 2 3"}'], r"line 1: input_ids must be a list of integers"),
     (['{"input_ids": []}'], r"line 1: the record has no tokens"),
+    (['\udcff{"input_ids": [1]}'], r"data.jsonl: not UTF-8 text, as JSONL must be"),
 ])
 def test_bad_training_data_is_named_before_training(model_dir, tmp_path, capsys, lines, message):
     """Out-of-vocabulary ids would be clamped by JAX's gather (training on another token) or give a
     NaN loss, with an adapter written and exit code 0; they are refused, with the line, first."""
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(lines) + "\n")
+    data.write_bytes(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"))  # \udcff: the byte 0xff
     assert main(["finetune", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "out"),
                  "--target-modules", "q_proj", "--steps", "1"]) == 2
     err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]  # after the loading bar

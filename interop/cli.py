@@ -64,11 +64,13 @@ def inspect(args) -> None:
     print(f"parameters: {sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)):,d}")
     if args.target_modules:
         head = getattr(model, "output_head", None)
-        targets = lorax.select_targets(_config(args), params, output_head=head)
+        moe = getattr(model, "moe_names", None)
+        targets = lorax.select_targets(_config(args), params, output_head=head, moe_names=moe)
         print(f"a LoRA config with target_modules={args.target_modules!r} adapts {len(targets)} modules:")
         for target in targets:
             print(f"  {target.path} (r={target.r}, alpha={target.lora_alpha})")
-        lorax.print_trainable_parameters(lorax.lora(params, _config(args), key=jax.random.key(0), output_head=head))
+        lorax.print_trainable_parameters(lorax.lora(params, _config(args), key=jax.random.key(0), output_head=head,
+                                                    moe_names=moe))
 
 
 def _records(path: str) -> list[dict]:
@@ -150,6 +152,7 @@ def finetune(args) -> None:
     config = _config(args)
     quantize = lorax.QuantConfig(args.quantize, double_quant=True) if args.quantize else None
     params = lorax.lora(base, config, key=jax.random.key(args.seed), output_head=getattr(model, "output_head", None),
+                        moe_names=getattr(model, "moe_names", None),
                         quantize=quantize)
     lorax.print_trainable_parameters(params)
     trainable, frozen = lorax.partition(params)
@@ -177,7 +180,8 @@ def merge(args) -> None:
     import lorax
 
     model, graphdef, base = _load(args.model)
-    params = interop.load_adapter(args.adapter, base, output_head=getattr(model, "output_head", None))
+    params = interop.load_adapter(args.adapter, base, output_head=getattr(model, "output_head", None),
+                                  moe_names=getattr(model, "moe_names", None))
     interop.save_merged(args.out, graphdef, lorax.merge(params))
     print(f"merged model written to {args.out} (transformers format)")
 

@@ -75,6 +75,9 @@ class Architecture:
     input_embedding: the embeddings a tied `lm_head` is (None: the model has no head). A tied
         config whose checkpoint stores a different `lm_head.weight` loads untied, and one that
         stores only the head ties the embeddings to it, as transformers does.
+    moe_names: for a mixture-of-experts architecture, the family whose transformers 4 expert names
+        peft maps onto its fused experts (lorax.targets.MOE_OLD_NAMES, as transformers'
+        _MODEL_TO_CONVERSION_PATTERN groups them); kept on the model as `model.moe_names`.
     """
 
     config_class: type
@@ -90,6 +93,7 @@ class Architecture:
     merged_renames: tuple[tuple[str, str], ...] = ()
     merged_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     input_embedding: str | None = "model.embed_tokens.weight"
+    moe_names: str | None = None
 
 
 def _bert_pooler(tensor_names: list[str]) -> dict:
@@ -140,8 +144,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Phi3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "Ministral3ForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
     "MixtralForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM, renames=MIXTRAL_RENAMES,
-                                       merged_renames=MIXTRAL_NAMES_BACK),
-    "Qwen3MoeForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM),
+                                       merged_renames=MIXTRAL_NAMES_BACK, moe_names="mixtral"),
+    "Qwen3MoeForCausalLM": Architecture(LlamaConfig, LlamaForCausalLM, moe_names="qwen2_moe"),
     # Gemma 3 4B and larger: the language model only (see LlamaForConditionalGeneration).
     "Gemma3ForConditionalGeneration": _text_only(
         {"model_type": "gemma3_text", "tie_word_embeddings": True}, {"gemma3_text": "Gemma3ForCausalLM"},
@@ -593,6 +597,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     model = nnx.merge(graphdef, placed)
     # Kept (as a string: static and hashable) so that save_merged can write a config.json transformers reads.
     model.hf_config_json = json.dumps(hf_config, sort_keys=True)
+    # For lorax.lora(..., moe_names=model.moe_names): which old expert names peft maps (None: not MoE).
+    model.moe_names = arch.moe_names
     return model
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ import numpy as np
 from interop.checkpoint import CheckpointError, atomic_write, local_folder, read_safetensors, read_torch_bin
 from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
-from lorax.errors import LoraConfigError, LoraError, listing
-from lorax.targets import STACK, dotted, leaves_by_path, modules
+from lorax.errors import LoraConfigError, LoraError, TargetError, listing
+from lorax.targets import MOE_OLD_NAMES, STACK, dotted, expert_modules, leaves_by_path, modules
 from lorax.transform import disable_adapters, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -299,9 +300,25 @@ def check_config(params: Any, config: LoraConfig) -> None:
     base = disable_adapters(params)
     # peft's "all-linear" leaves out the output head, as lorax.lora(..., output_head="lm_head") does.
     head = TIED_HEAD if TIED_HEAD in modules(base) else None
-    remade = lora(base, dataclasses.replace(config, init_lora_weights=True), key=jax.random.key(0), output_head=head)
-    ours, theirs = _adapter_layout(params), _adapter_layout(remade)
-    ours_scale, theirs_scale = _scales(params), _scales(remade)
+    ours, ours_scale = _adapter_layout(params), _scales(params)
+    # A mixture-of-experts model's family (which old expert names peft maps onto its experts) is
+    # not in the tree: the config fits if it makes these adapters under one of them.
+    families = (None, *MOE_OLD_NAMES) if expert_modules(modules(base)) else (None,)
+    remakes = []
+    for moe_names in families:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # names the family's peft ignores: said when the params were made
+                remade = lora(base, dataclasses.replace(config, init_lora_weights=True), key=jax.random.key(0),
+                              output_head=head, moe_names=moe_names)
+        except TargetError:
+            if moe_names is None:
+                raise
+            continue  # under this family's names the config adapts nothing
+        remakes.append((_adapter_layout(remade), _scales(remade)))
+        if remakes[-1][0] == ours:
+            break
+    theirs, theirs_scale = remakes[-1] if remakes[-1][0] == ours else remakes[0]
     differences = [f"{path}: params {ours.get(path, 'not adapted')}, config {theirs.get(path, 'not adapted')}"
                    for path in sorted(set(ours) | set(theirs)) if ours.get(path) != theirs.get(path)]
     differences += [f"{path}: params scale {ours_scale[path].tolist()}, config (lora_alpha / r) {theirs_scale[path].tolist()}"
@@ -367,7 +384,8 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise LoraConfigError(f"{path}: {error}") from None
 
 
-def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head: str | None = None) -> Any:
+def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head: str | None = None,
+                 moe_names: str | None = None) -> Any:
     """Load a peft LoRA adapter onto base params: the result holds LoraArray leaves with the file's A and B.
 
     Args:
@@ -375,6 +393,7 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
             id ("org/name") already in the Hugging Face cache.
         base_params: the base model's tree (e.g. from `lorax.split(interop.from_pretrained(...))`).
         output_head: as in `lorax.lora`, for configs that say "all-linear".
+        moe_names: as in `lorax.lora`, for a mixture-of-experts model (`model.moe_names`).
 
     Raises:
         CheckpointError / LoraError: missing or corrupt files, another peft type, tensors that
@@ -389,7 +408,7 @@ def load_adapter(directory: str | os.PathLike, base_params: Any, *, output_head:
         raise CheckpointError(f"no {ADAPTER_WEIGHTS} (or {ADAPTER_BIN}) in {folder}")
     read = read_torch_bin if weights.suffix == ".bin" else read_safetensors
     tensors = _without_wrapper_copies(dict(read(weights)), weights)
-    params = lora(base_params, config, key=jax.random.key(0), output_head=output_head)
+    params = lora(base_params, config, key=jax.random.key(0), output_head=output_head, moe_names=moe_names)
     expected = adapter_state(params)
     bases = _embedding_bases(params)
     tied = tied_head_state(params, config)

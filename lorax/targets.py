@@ -17,6 +17,7 @@ old per-expert names; see `_moe_targets`).
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,7 +186,8 @@ def _pattern_value(patterns: dict, key: str, default):
     return default
 
 
-def select_targets(config: LoraConfig, params: Any, *, output_head: str | None = None) -> list[Target]:
+def select_targets(config: LoraConfig, params: Any, *, output_head: str | None = None,
+                   moe_names: str | None = None) -> list[Target]:
     """The modules of `params` that `config` adapts, in tree order.
 
     Args:
@@ -194,6 +196,10 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
         output_head: module path of the output head ("lm_head"), which "all-linear" leaves
             out as peft does on transformers models. None: keep every linear (peft's
             behaviour on a plain torch model).
+        moe_names: for a mixture-of-experts model, the family whose transformers 4 expert names
+            peft maps onto its fused experts: "mixtral" (w1/w3/w2) or "qwen2_moe"
+            (gate_proj/up_proj/down_proj; Qwen3-MoE). `interop.from_pretrained` models say which
+            (`model.moe_names`). None: both (for a model not from a transformers checkpoint).
 
     Raises:
         TargetError: a target matches nothing (listing the module paths and the nearest
@@ -207,7 +213,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
         raise TargetError(f"target_parameters={config.target_parameters!r}: lorax adapts parameters only in the "
                           "experts and routers of mixture-of-experts models, and this model has none; use target_modules")
     if experts:  # a mixture-of-experts model: peft's names for its experts and routers first
-        remaining, fused, router = _moe_targets(config, all_modules, experts, linear)
+        remaining, fused, router = _moe_targets(config, all_modules, experts, linear, moe_names)
         targets = _parameter_targets(config, all_modules, experts, fused, router)
         if remaining:
             config = dataclasses.replace(config, target_modules=remaining)
@@ -244,10 +250,23 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
 # peft (0.21) on transformers 5 mixture-of-experts models, whose experts are fused 3-D parameters
 # and whose router is a bare parameter (no longer Linear layers): it maps the names these had in
 # transformers 4 onto them (peft.utils.transformers_weight_conversion) and adapts them through
-# `target_parameters` (a LoRA per expert). Mixtral's old names are w1/w3/w2, the others' gate_proj/up_proj/down_proj.
-FUSED_EXPERTS = {"gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")), "down_proj": (("down_proj",), ("w2",))}
-OLD_EXPERT_NAMES = {old: new for new, groups in FUSED_EXPERTS.items() for group in groups for old in group}
+# `target_parameters` (a LoRA per expert). Its table is per model family (transformers'
+# _MODEL_TO_CONVERSION_PATTERN): Mixtral's old names are w1/w3/w2, Qwen-MoE's (Qwen3-MoE, OLMoE,
+# DeepSeek, ...) gate_proj/up_proj/down_proj, and a name of the other family matches nothing.
+MOE_OLD_NAMES = {
+    "mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
+    "qwen2_moe": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)},
+}
 ROUTER = "gate"
+
+
+def _old_expert_names(moe_names: str | None) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """old name -> (the fused parameter it maps to, the old names fused with it), for one family of
+    MOE_OLD_NAMES, or for both when the family is not known."""
+    if moe_names is not None and moe_names not in MOE_OLD_NAMES:
+        raise TargetError(f"moe_names={moe_names!r}: peft maps old expert names for {listing(MOE_OLD_NAMES)} only")
+    families = [MOE_OLD_NAMES[moe_names]] if moe_names else list(MOE_OLD_NAMES.values())
+    return {old: (new, group) for family in families for new, group in family.items() for old in group}
 
 
 def expert_modules(all_modules: dict[str, Module]) -> dict[str, Module]:
@@ -265,35 +284,43 @@ def _torch_keys(all_modules: dict[str, Module]) -> list[str]:
 
 
 def _moe_targets(config: LoraConfig, all_modules: dict[str, Module], experts: dict[str, Module],
-                 linear: frozenset[str]) -> tuple[Any, dict[str, bool], bool]:
+                 linear: frozenset[str], moe_names: str | None) -> tuple[Any, dict[str, bool], bool]:
     """peft's `_convert_peft_config_moe`: (the target_modules left for modules, {expert parameter:
     whether it fuses two old modules}, whether the router is targeted). A string target (a regex,
     "all-linear") becomes the set of last names it reaches first, as peft resolves it."""
+    old_names = _old_expert_names(moe_names)
     targets = config.target_modules or []
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
-            resolved = {p.rpartition(".")[2] for p in linear} | set(OLD_EXPERT_NAMES) | {ROUTER}
+            resolved = {p.rpartition(".")[2] for p in linear} | set(old_names) | {ROUTER}
         else:
             resolved = {key.rpartition(".")[2] for key in _torch_keys(all_modules) if re.fullmatch(targets, key)}
-            resolved |= {old for old in OLD_EXPERT_NAMES for p in experts if re.fullmatch(targets, f"{p}.{old}")}
+            resolved |= {old for old in old_names for p in experts if re.fullmatch(targets, f"{p}.{old}")}
         # Names that reach no module (a parameter's "weight") change nothing in peft's list either.
-        names = {p.rpartition(".")[2] for p in all_modules if p} | set(OLD_EXPERT_NAMES) | {ROUTER}
+        names = {p.rpartition(".")[2] for p in all_modules if p} | set(old_names) | {ROUTER}
         resolved &= names
         if not resolved:
             return targets, {}, False  # matches nothing: the usual error follows
         targets = sorted(resolved)
     remaining, chosen, router = [], {}, False
     for target in targets:
-        old = next((o for o in (*OLD_EXPERT_NAMES, ROUTER) if target == o or target.endswith(f".{o}")), None)
+        old = next((o for o in (*old_names, ROUTER) if target == o or target.endswith(f".{o}")), None)
         if old is None:
             remaining.append(target)
         elif old == ROUTER:
             router = True
         else:
-            chosen.setdefault(OLD_EXPERT_NAMES[old], set()).add(old)
+            chosen.setdefault(old_names[old], set()).add(old)  # keyed by (new name, its old group)
+    # The other family's old names reach nothing in peft on this model (it converts only its own);
+    # peft adapts the rest silently, which would be a surprise, so say so once.
+    other = set(_old_expert_names(None)) - set(old_names)
+    ignored = [t for t in remaining if t.rpartition(".")[2] in other and not any(_matches_names([t], p) for p in all_modules)]
+    if ignored:
+        warnings.warn(f"target_modules {ignored} adapt nothing on this {moe_names} mixture-of-experts model, as in peft: "
+                      f"its experts' old names are {sorted(old_names)} (and {ROUTER!r} for the router)", stacklevel=4)
+        remaining = [t for t in remaining if t not in ignored]
     fused = {}
-    for new, olds in chosen.items():
-        group = next(g for g in FUSED_EXPERTS[new] if olds & set(g))
+    for (new, group), olds in chosen.items():
         if not set(group) <= olds:
             raise TargetError(f"target_modules names {sorted(olds)} but not {sorted(set(group) - olds)}: in this "
                               f"mixture-of-experts model they are fused into one parameter per layer, {new!r}, "

@@ -148,6 +148,7 @@ def lora(
     *,
     key: jax.Array,
     output_head: str | None = None,
+    moe_names: str | None = None,
     adapter_dtype=None,
     allow_materialize: bool = False,
     quantize: str | QuantConfig | None = None,
@@ -159,6 +160,8 @@ def lora(
         config: which modules to adapt and how (`LoraConfig`, peft's fields).
         key: PRNG key for A (and B with init_lora_weights=False, and pissa_niter_<n>'s iterations).
         output_head: module path of the output head that "all-linear" leaves out ("lm_head").
+        moe_names: a mixture-of-experts model's family for peft's old expert names ("mixtral" or
+            "qwen2_moe"; `model.moe_names` of an `interop.from_pretrained` model): see `select_targets`.
         adapter_dtype: dtype of A and B; default fp32 (or the base dtype if wider).
         allow_materialize: let operations without a factored rule form W + s·A·B.
         quantize: QLoRA: "nf4" or "fp4" (blocksize 64, no double quantization), or a
@@ -182,7 +185,7 @@ def lora(
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
     all_modules = modules(params)
     config = with_task_modules(config, all_modules)
-    targets = select_targets(config, params, output_head=output_head)
+    targets = select_targets(config, params, output_head=output_head, moe_names=moe_names)
     by_leaf: dict[str, list[Target]] = {}
     for t in targets:
         by_leaf.setdefault(t.stored_leaf, []).append(t)

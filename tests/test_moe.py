@@ -3,6 +3,7 @@ folders: logits, generation, gradients, LoRA counts and PeftModel outputs, merge
 against the real libraries."""
 
 import functools
+import warnings
 
 import bitsandbytes.functional as F
 import jax
@@ -281,9 +282,11 @@ def test_lora_on_the_experts_matches_peft(saved, variant, config, tmp_path):
     "all-linear" and the transformers 4 names): peft's counts; our adapter file in PeftModel gives
     our logits; peft's file in ours gives peft's; merges agree."""
     model, folder = saved[variant]
-    graphdef, base = lorax.split(interop.from_pretrained(folder, progress=False))
+    loaded_model = interop.from_pretrained(folder, progress=False)
+    graphdef, base = lorax.split(loaded_model)
     lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
-    params = lorax.lora(base, lora_config, key=jax.random.key(1), output_head="lm_head")
+    family = dict(output_head="lm_head", moe_names=loaded_model.moe_names)
+    params = lorax.lora(base, lora_config, key=jax.random.key(1), **family)
     assert any(isinstance(leaf, lorax.ExpertLoraArray)
                for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter))
     peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config)).eval()
@@ -302,9 +305,51 @@ def test_lora_on_the_experts_matches_peft(saved, variant, config, tmp_path):
                                atol=1e-4, rtol=1e-4)
 
     peft_model.save_pretrained(tmp_path / "theirs")
-    back = interop.load_adapter(tmp_path / "theirs", base, output_head="lm_head")
+    back = interop.load_adapter(tmp_path / "theirs", base, **family)
     with torch.no_grad():
         theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+
+
+OTHER_FAMILY_CASES = [
+    ("mixtral", dict(r=2, target_modules=["q_proj", "down_proj"])),
+    ("mixtral", dict(r=2, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])),  # the usual list
+    ("qwen3-moe", dict(r=2, target_modules=["q_proj", "w1", "w3", "w2"])),
+    ("mixtral", dict(r=2, target_modules=r".*\.(q_proj|down_proj)")),
+]
+
+
+@pytest.mark.parametrize("variant,config", OTHER_FAMILY_CASES, ids=str)
+def test_the_other_familys_expert_names_adapt_nothing_as_in_peft(saved, variant, config, tmp_path):
+    """peft maps only the model family's own transformers 4 expert names (Mixtral: w1/w3/w2;
+    Qwen-MoE: gate_proj/up_proj/down_proj) onto the fused experts; the other family's match
+    nothing there. With `model.moe_names`, ours adapt the same modules: peft's counts, and each
+    side's adapter file gives the other's logits."""
+    model, folder = saved[variant]
+    loaded_model = interop.from_pretrained(folder, progress=False)
+    graphdef, base = lorax.split(loaded_model)
+    family = dict(output_head="lm_head", moe_names=loaded_model.moe_names)
+    lora_config = lorax.LoraConfig(init_lora_weights=False, **config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        params = lorax.lora(base, lora_config, key=jax.random.key(1), **family)
+    assert any("adapt nothing on this" in str(w.message) for w in caught) == isinstance(config["target_modules"], list)
+    assert not any(isinstance(leaf, lorax.ExpertLoraArray)
+                   for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter))
+    peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config)).eval()
+    assert lorax_line(params) == peft_line(peft_model)
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    ours = logits_of(graphdef, params, ids, mask)
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
+        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4, rtol=1e-4)
+        theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = interop.load_adapter(tmp_path / "theirs", base, **family)
     np.testing.assert_allclose(logits_of(graphdef, back, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
 
 

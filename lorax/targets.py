@@ -244,7 +244,29 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
             f"(after exclude_modules / layers_to_transform / modules_to_save). Linear and embedding modules: "
             f"{listing(adaptable) or 'none'}.{root}"
         )
+    _warn_unused(config, targets, all_modules)
     return targets
+
+
+def _warn_unused(config: LoraConfig, targets: list[Target], all_modules: dict[str, Module]) -> None:
+    """Pattern keys and layer indices that change nothing are most likely typos: warned, not
+    refused, as peft warns about the patterns (and adapts the rest)."""
+    paths = [name for t in targets for name in (t.path, f"{t.path}.weight")]
+    for field in ("rank_pattern", "alpha_pattern"):
+        unmatched = sorted(key for key in getattr(config, field)
+                           if not any(re.match(rf"(.*\.)?({key})$", path) for path in paths))
+        if unmatched:
+            warnings.warn(f"The following {field} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning, stacklevel=3)
+    if config.layers_to_transform is not None:
+        chosen = [config.layers_to_transform] if isinstance(config.layers_to_transform, int) else config.layers_to_transform
+        present = {layer_index(config, path) for path in all_modules if path} - {None}
+        missing = sorted(set(chosen) - present)
+        if missing:
+            warnings.warn(f"layers_to_transform {missing} name no layer of this model (its layers: "
+                          f"{min(present)}..{max(present)}); they are ignored" if present else
+                          f"layers_to_transform {missing}: this model has no numbered layers; they are ignored",
+                          RuntimeWarning, stacklevel=3)
 
 
 # peft (0.21) on transformers 5 mixture-of-experts models, whose experts are fused 3-D parameters

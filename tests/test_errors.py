@@ -104,3 +104,34 @@ def test_adapting_twice_is_refused():
 def test_optimizer_without_trainable_leaves():
     with pytest.raises(lorax.LoraError, match=r"no trainable leaves: call lorax.lora"):
         lorax.optimizer(optax.adamw(1e-3), mlp_params())
+
+
+def test_pattern_keys_and_layers_that_change_nothing_are_warned():
+    """A rank_pattern / alpha_pattern key that reaches no adapted module, or a layers_to_transform
+    index past the model's layers, changes nothing: most likely a typo. Warned (with peft's words
+    for the patterns), and the rest adapted, as in peft."""
+    params = {"model": {"layers": [{"q_proj": {"kernel": jnp.ones((4, 4))}} for _ in range(2)]}}
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys did not match any targeted module .*\['sq_proj'\]"):
+        lorax.select_targets(lorax.LoraConfig(target_modules=["q_proj"], rank_pattern={"sq_proj": 2}), params)
+    with pytest.warns(RuntimeWarning, match=r"alpha_pattern keys did not match .*\['layers\.5'\]"):
+        lorax.select_targets(lorax.LoraConfig(target_modules=["q_proj"], alpha_pattern={"layers.5": 2}), params)
+    with pytest.warns(RuntimeWarning, match=r"layers_to_transform \[7\] name no layer of this model \(its layers: 0..1\)"):
+        targets = lorax.select_targets(lorax.LoraConfig(target_modules=["q_proj"], layers_to_transform=[1, 7]), params)
+    assert [t.path for t in targets] == ["model.layers.1.q_proj"]
+
+
+def test_peft_warns_about_the_same_pattern_key():
+    import warnings
+
+    import peft
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft.get_peft_model(model, peft.LoraConfig(target_modules=["0"], rank_pattern={"9": 2}))
+    assert any("rank_pattern keys did not match any targeted module and were ignored: ['9']" in str(w.message)
+               for w in caught)
+    with pytest.warns(RuntimeWarning, match=r"rank_pattern keys did not match any targeted module and were ignored: \['9'\]"):
+        lorax.select_targets(lorax.LoraConfig(target_modules=["0"], rank_pattern={"9": 2}),
+                             {"0": {"kernel": jnp.ones((4, 4))}, "1": {"kernel": jnp.ones((4, 4))}})

@@ -34,7 +34,8 @@ def generate(graphdef: ModelDef, params, input_ids: jax.Array, *, max_new_tokens
         input_ids: (batch, prompt_length) int tokens; left-pad ragged prompts.
         max_new_tokens: how many tokens to add.
         attention_mask: (batch, prompt_length), 0 on padding. Positions count only real tokens,
-            as transformers' generate does.
+            as transformers' generate does. None: every prompt token is real (transformers'
+            generate would instead infer a mask from `pad_token_id`; pass the tokenizer's mask).
         temperature: 0 for greedy decoding, otherwise softmax sampling at this temperature.
         key: PRNG key, required when sampling.
         eos_token_id: end-of-sequence token(s) (config.json's eos_token_id): a row that produces

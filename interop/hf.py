@@ -558,7 +558,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     """
     folder = local_folder(path)
     hf_config = read_config(folder)
-    _, arch = architecture_of(hf_config)
+    architecture, arch = architecture_of(hf_config)
     quantized = check_quantization(hf_config)
     # Checked before any weight is read; flax's own error for an integer dtype comes from deep in a layer's init.
     dtype = _requested_dtype(dtype, "dtype", folder, hf_config)
@@ -583,7 +583,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
             plan = _plan(folder, arch, config, names if quantized else None, progress)
     plan.check(folder, arch)
     if plan.skipped:
-        warnings.warn(f"{folder}: {hf_config['architectures'][0]} " + arch.skipped_as.format(count=plan.skipped),
+        warnings.warn(f"{folder}: {architecture} " + arch.skipped_as.format(count=plan.skipped),
                       stacklevel=2)
     graphdef, arrays, copies = plan.graphdef, plan.arrays, plan.copies
     # Every tensor is checked before any is copied; the copy is most of the load time.

@@ -295,3 +295,18 @@ def test_repo_id_in_the_hub_cache_loads_as_transformers_and_peft_resolve_it(fold
     with pytest.raises(interop.CheckpointError, match=r"no folder 'org/absent', and it is not a repo id in the "
                                                         r"Hugging Face cache .*hf download org/absent"):
         interop.from_pretrained("org/absent", progress=False)
+
+
+def test_architectures_as_one_string_reads_as_transformers_reads_it(folder, tmp_path):
+    """"architectures": "LlamaForCausalLM" (a string, not a list): transformers loads it (by
+    model_type); so do we, as that one name, with its logits."""
+    target = copy_of(folder, tmp_path / "string")
+    config = json.loads((target / "config.json").read_text())
+    config["architectures"] = "LlamaForCausalLM"
+    (target / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(target).eval()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        expected = theirs(ids).logits.numpy()
+    ours = lorax.apply(*lorax.split(interop.from_pretrained(target, progress=False)), jnp.asarray(ids.numpy()))
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)

@@ -36,7 +36,8 @@ from interop.checkpoint import CheckpointError, atomic_write, local_folder, read
 from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError, TargetError, listing
-from lorax.targets import MOE_OLD_NAMES, STACK, dotted, expert_modules, leaves_by_path, modules
+from lorax.targets import (MOE_OLD_NAMES, STACK, dotted, expert_modules, leaves_by_path, modules,
+                           with_tied_head)
 from lorax.transform import disable_adapters, lora
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -298,8 +299,9 @@ def check_config(params: Any, config: LoraConfig) -> None:
     if not isinstance(config, LoraConfig):
         raise LoraError(f"config must be the lorax.LoraConfig the params were made with, not {type(config).__name__}")
     base = disable_adapters(params)
-    # peft's "all-linear" leaves out the output head, as lorax.lora(..., output_head="lm_head") does.
-    head = TIED_HEAD if TIED_HEAD in modules(base) else None
+    # peft's "all-linear" leaves out the output head, as lorax.lora(..., output_head="lm_head") does;
+    # with ensure_weight_tying a config may name a tied head (lorax.targets.with_tied_head).
+    head = TIED_HEAD if TIED_HEAD in modules(base) or config.ensure_weight_tying else None
     ours, ours_scale = _adapter_layout(params), _scales(params)
     # A mixture-of-experts model's family (which old expert names peft maps onto its experts) is
     # not in the tree: the config fits if it makes these adapters under one of them.
@@ -355,6 +357,8 @@ def save_adapter(directory: str | os.PathLike, params: Any, config: LoraConfig,
         params, config = as_plain_lora(params, initial, config)
     tensors = adapter_state(params)
     tensors |= tied_head_state(params, config)
+    # As peft saves it: a tied head named with ensure_weight_tying is written as the embeddings it is tied to.
+    config = with_tied_head(config, modules(disable_adapters(params)), TIED_HEAD)
     config_json = json.dumps(adapter_config(config, base_model_name_or_path), indent=2, sort_keys=True)
     atomic_write(folder, {ADAPTER_WEIGHTS: _safetensors_bytes(tensors), ADAPTER_CONFIG: config_json.encode()})
 

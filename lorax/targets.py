@@ -218,6 +218,7 @@ def select_targets(config: LoraConfig, params: Any, *, output_head: str | None =
         if remaining:
             config = dataclasses.replace(config, target_modules=remaining)
         match_modules = bool(remaining) or not targets
+    config = with_tied_head(config, all_modules, output_head)
     if match_modules:
         _check_tied_head_unnamed(config, all_modules, output_head)
         _check_every_name_matches(config, all_modules)
@@ -406,6 +407,59 @@ def with_task_modules(config: LoraConfig, all_modules: dict[str, Module]) -> Lor
     return dataclasses.replace(config, modules_to_save=(listed + present) or None)
 
 
+# peft's EMBEDDING_LAYER_NAMES: the module names for which ensure_weight_tying ties an adapter (or
+# modules_to_save copy) to an output head tied to the embeddings.
+PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _first_naming(names: list[str], key: str) -> str | None:
+    """The first entry of a list that peft's tying code takes to name `key` (its regex)."""
+    return next((n for n in names if re.match(rf"(^|.*\.){n}($|\..*)", key)), None)
+
+
+def _tie_embeddings(config: LoraConfig, all_modules: dict[str, Module], output_head: str | None) -> str | None:
+    """The input embeddings that ensure_weight_tying ties a tied head to (peft's
+    get_input_embeddings), where that applies and is unambiguous: one `embed_tokens` table."""
+    if not (config.ensure_weight_tying and output_head) or output_head in all_modules:
+        return None
+    tables = [p for p, m in all_modules.items() if m.kind == "embedding" and p.rpartition(".")[2] == "embed_tokens"]
+    return tables[0] if len(tables) == 1 else None
+
+
+def with_tied_head(config: LoraConfig, all_modules: dict[str, Module], output_head: str | None) -> LoraConfig:
+    """peft with ensure_weight_tying=True on a model whose head is tied to its input embeddings:
+    an entry naming the head in modules_to_save (or else target_modules) is replaced by the input
+    embeddings' path, whose copy (or adapter) the tied head then uses (peft's
+    `_add_modules_to_save_to_tie` / `_add_targets_to_tie`). Applied only where the config names
+    the head and the tree has one embedding of peft's names (`model.embed_tokens`); otherwise
+    `config` is returned as it is (and a config naming a tied head is refused by name).
+
+    >>> tied = modules({"model": {"embed_tokens": {"embedding": jnp.ones((8, 4))}}})
+    >>> with_tied_head(LoraConfig(target_modules=["lm_head"], ensure_weight_tying=True), tied, "lm_head").target_modules
+    ['model.embed_tokens']
+    """
+    embeddings = _tie_embeddings(config, all_modules, output_head)
+    if embeddings is None:
+        return config
+    saved, targets = list(config.modules_to_save or []), config.target_modules
+    if any(m.rpartition(".")[2] in PEFT_EMBEDDING_LAYER_NAMES for m in saved):  # peft looks at modules_to_save first
+        head = _first_naming(saved, output_head)
+        if head is None:
+            return config
+        saved.remove(head)
+        return dataclasses.replace(config, modules_to_save=saved + [embeddings] * (embeddings not in saved))
+    if isinstance(targets, str):
+        also = rf"|^{re.escape(embeddings)}$)"
+        if targets.lower() != ALL_LINEAR and re.fullmatch(targets, output_head) and not targets.endswith(also):
+            return dataclasses.replace(config, target_modules=f"(?:{targets}{also}")
+        return config
+    head = _first_naming(list(targets or []), output_head)
+    if head is None:
+        return config
+    kept = [t for t in targets if t != head]
+    return dataclasses.replace(config, target_modules=kept + [embeddings] * (embeddings not in kept))
+
+
 def _check_tied_head_unnamed(config: LoraConfig, all_modules: dict[str, Module], output_head: str | None) -> None:
     """An output head tied to the input embeddings (tie_word_embeddings) has no weight of its own
     in the tree: the model multiplies by the embedding table. peft can still wrap the head module
@@ -414,6 +468,8 @@ def _check_tied_head_unnamed(config: LoraConfig, all_modules: dict[str, Module],
     if not output_head or output_head in all_modules:
         return
     targets = config.target_modules
+    if isinstance(targets, str) and _tie_embeddings(config, all_modules, output_head):
+        targets = None  # a regex reaching the head reaches the embeddings too (with_tied_head): tied there
     named = [("target_modules", targets)] if isinstance(targets, str) and targets.lower() != ALL_LINEAR and \
         _matches_names(targets, output_head) else []
     if isinstance(targets, (list, tuple)):
@@ -425,8 +481,9 @@ def _check_tied_head_unnamed(config: LoraConfig, all_modules: dict[str, Module],
         raise TargetError(
             f"{field} {name!r} names the output head {output_head!r}, which this model ties to its input embeddings "
             f"(tie_word_embeddings): it has no weight of its own to adapt or copy. Adapt the embeddings instead "
-            f"({listing(tables) or 'none'}): with ensure_weight_tying=True the tied head uses their adapter (peft "
-            f"moves an adapter named {output_head!r} there too); with False it keeps the frozen table"
+            f"({listing(tables) or 'none'}): with ensure_weight_tying=True the tied head uses their adapter (and "
+            f"{output_head!r} itself may be named: it is moved to an `embed_tokens` table, as peft does); with False "
+            "it keeps the frozen table"
         )
 
 

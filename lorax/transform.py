@@ -27,13 +27,8 @@ from lorax.config import LoraConfig, is_decomposition
 from lorax.decomposition import decompose_leaf
 from lorax.errors import LoraConfigError, LoraError, listing
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
-from lorax.targets import (BIAS_LEAF, EXPERTS, Target, dotted, is_value, modules, saved_module_paths, select_targets,
-                           with_task_modules)
-
-
-# The module names for which peft's ensure_weight_tying ties an adapter (or modules_to_save copy)
-# to the output head tied to the embeddings: peft.utils.constants.EMBEDDING_LAYER_NAMES.
-PEFT_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+from lorax.targets import (BIAS_LEAF, EXPERTS, PEFT_EMBEDDING_LAYER_NAMES, Target, dotted, is_value, modules,
+                           saved_module_paths, select_targets, with_task_modules, with_tied_head)
 
 
 def _init_factors(kind: str, r: int, w_shape: tuple, init: bool | str, key: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
@@ -184,7 +179,7 @@ def lora(
     if any(is_adapter(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_adapter)):
         raise LoraError("params already hold adapters; call lorax.merge(params) first to add a second LoRA on top")
     all_modules = modules(params)
-    config = with_task_modules(config, all_modules)
+    config = with_tied_head(with_task_modules(config, all_modules), all_modules, output_head)
     targets = select_targets(config, params, output_head=output_head, moe_names=moe_names)
     by_leaf: dict[str, list[Target]] = {}
     for t in targets:

@@ -4,6 +4,7 @@ peft's `ensure_weight_tying` (False: the head keeps the frozen table; True: the 
 is tied to the embeddings')."""
 
 import copy
+import json
 import warnings
 
 import jax
@@ -192,3 +193,56 @@ def test_naming_the_tied_head_is_refused_with_what_to_do(tied_model, fields, tmp
         interop.load_adapter(tmp_path, base, output_head="lm_head")
     with pytest.raises(lorax.TargetError, match=refusal):
         lorax.lora(base, lorax.LoraConfig(r=4, **fields), key=jax.random.key(0), output_head="lm_head")
+
+
+TIED_VIA_HEAD = {
+    "target": dict(target_modules=["lm_head", "q_proj"]),
+    "regex": dict(target_modules=r"(.*\.)?(lm_head|q_proj)"),
+    "modules_to_save": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("fields", list(TIED_VIA_HEAD))
+def test_naming_the_tied_head_with_ensure_weight_tying_adapts_the_embeddings(tied_model, fields, tmp_path):
+    """With ensure_weight_tying=True peft moves an adapter (or modules_to_save copy) named for a tied
+    `lm_head` onto the input embeddings and ties the head to it; so do we, for a model with one
+    `embed_tokens` table: peft's trainable numbers, and each side's adapter file gives the other's
+    logits. GPT-2's `wte` is not such a table: refused by name there."""
+    architecture, hf, graphdef, base = tied_model
+    fields = dict(r=4, ensure_weight_tying=True, init_lora_weights=False, **TIED_VIA_HEAD[fields])
+    if architecture == "gpt2":
+        with pytest.raises(lorax.TargetError, match="ties to its input embeddings"):
+            lorax.lora(base, lorax.LoraConfig(**{**fields, "target_modules": ["lm_head", "c_attn"]}
+                                              if isinstance(fields["target_modules"], list) else fields),
+                       key=jax.random.key(1), output_head="lm_head")
+        return
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    params = lorax.lora(base, lorax.LoraConfig(**fields), key=jax.random.key(1), output_head="lm_head")
+    params = perturb_trained_leaves(params, jax.random.key(2))
+    ours = np.asarray(lorax.apply(graphdef, params, jnp.asarray(ids.numpy())))
+    assert np.abs(ours - np.asarray(lorax.apply(graphdef, base, jnp.asarray(ids.numpy())))).max() > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**fields)).eval()
+    assert lorax.count_parameters(params)[0] == distinct_trainable(theirs)
+
+    interop.save_adapter(tmp_path / "ours", params, lorax.LoraConfig(**fields))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    np.testing.assert_allclose(torch_logits(loaded, ids), ours, rtol=1e-5, atol=1e-4)
+
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    theirs.save_pretrained(tmp_path / "peft")
+    back = interop.load_adapter(tmp_path / "peft", base, output_head="lm_head")
+    np.testing.assert_allclose(lorax.apply(graphdef, back, jnp.asarray(ids.numpy())), torch_logits(theirs, ids),
+                               rtol=1e-5, atol=1e-4)
+    # both files name the embeddings, not the head, as peft rewrites the config
+    written = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft")]
+    for field in ("target_modules", "modules_to_save"):
+        ours_value, peft_value = (w[field] for w in written)
+        assert (ours_value if isinstance(ours_value, str) else set(ours_value or ())) == \
+            (peft_value if isinstance(peft_value, str) else set(peft_value or ())), field

@@ -29,6 +29,8 @@ from lorax.targets import leaves_by_path
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _shards(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -49,7 +51,7 @@ def _check_params(params: Any, model) -> None:
     quantized = [path for path, leaf in leaves_by_path(params) if isinstance(leaf, Nf4Array)]
     if quantized:
         raise LoraError(f"params hold 4-bit weights ({listing(quantized)}); save_merged writes dense weights: pass "
-                        "lorax.merge(params) without requantize=True")
+                        "lorax.merge(params) (without requantize=True), which dequantizes them")
     _, abstract = abstract_model(type(model), model.config)
     ours, expected = dict(leaves_by_path(params)), dict(leaves_by_path(abstract))
     missing, unexpected = sorted(set(expected) - set(ours)), sorted(set(ours) - set(expected))
@@ -143,13 +145,22 @@ def save_merged(directory: str | os.PathLike, graphdef, params: Any, *, dtype: A
         if text["model_type"] not in arch.merged_as:
             raise LoraError(f"save_merged cannot write a {text['model_type']!r} language model as a causal LM; "
                             f"known: {listing(arch.merged_as)}")
-        config = {**text, **arch.merged_config, "architectures": [arch.merged_as[text["model_type"]]]}
+        # The special tokens a composite config sets at its top level win over its text_config's,
+        # as GenerationConfig.from_model_config reads them.
+        tokens = {key: config[key] for key in SPECIAL_TOKENS if config.get(key) is not None}
+        config = {**text, **arch.merged_config, **tokens, "architectures": [arch.merged_as[text["model_type"]]]}
         if hasattr(model.config, "tie_word_embeddings"):
             config["tie_word_embeddings"] = model.config.tie_word_embeddings
     config["dtype"] = config["torch_dtype"] = str(dtypes[next(iter(slots))])
+    # The weights written are dense: a bitsandbytes checkpoint's quantization_config would make
+    # transformers rebuild 4-bit layers over them.
+    config.pop("quantization_config", None)
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
+    generation = getattr(model, "hf_generation_json", None)
+    if generation is not None:  # the checkpoint's generation defaults (EOS ids, sampling), as transformers saves them
+        files[GENERATION_CONFIG] = generation.encode()
     if len(shards) == 1:
         files[WEIGHTS] = writer(shards[0], WEIGHTS)
     else:

@@ -597,6 +597,12 @@ def from_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_
     model = nnx.merge(graphdef, placed)
     # Kept (as a string: static and hashable) so that save_merged can write a config.json transformers reads.
     model.hf_config_json = json.dumps(hf_config, sort_keys=True)
+    # And generation_config.json as it is (EOS ids, sampling defaults), for save_merged to write back.
+    generation = folder / "generation_config.json"
+    try:
+        model.hf_generation_json = generation.read_text(encoding="utf-8") if generation.is_file() else None
+    except (OSError, UnicodeDecodeError):  # unreadable: generation_tokens names it; the weights load regardless
+        model.hf_generation_json = None
     # For lorax.lora(..., moe_names=model.moe_names): which old expert names peft maps (None: not MoE).
     model.moe_names = arch.moe_names
     return model

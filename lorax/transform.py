@@ -262,14 +262,16 @@ def _map_adapters(fn, params: Any) -> Any:
 def merge(params: Any, *, requantize: bool = False) -> Any:
     """Fold every adapter into its weight: `w + scale·a@b`; modules_to_save copies replace
     their originals (peft's merge_and_unload). Returns a tree of plain arrays; a 4-bit base
-    (QLoRA) is dequantized first, in its dtype.
+    (QLoRA) is dequantized first, in its dtype, and so is a 4-bit weight without an adapter (a
+    bitsandbytes 4-bit checkpoint's: the tree is dense, ready for `interop.save_merged`).
 
     Args:
         params: a LoRA tree.
         requantize: quantize merged 4-bit bases again, with their own type, blocksize and
             double quantization, and return them as `Nf4Array`s: what peft's merge does on a
             bitsandbytes 4-bit model (dequantize, add the delta, quantize). Rounding to 4 bits
-            again loses some of the update; the default keeps the merged weights exact.
+            again loses some of the update; the default keeps the merged weights exact. 4-bit
+            weights without an adapter then stay as they are.
 
     Example:
         >>> merged = lorax.merge(params)   # same outputs, no adapter cost at inference
@@ -282,9 +284,12 @@ def merge(params: Any, *, requantize: bool = False) -> Any:
         if isinstance(leaf, LoraArray):
             weight = leaf.merged()
             return quantize_like(weight, leaf.w) if requantize and isinstance(leaf.w, Nf4Array) else weight
+        if isinstance(leaf, Nf4Array):  # a 4-bit weight without adapter (a bitsandbytes 4-bit checkpoint's)
+            return leaf if requantize else leaf.materialise()
         return leaf.value
 
-    return _map_adapters(merged, params)
+    is_merged = lambda x: is_adapter(x) or isinstance(x, Nf4Array)  # noqa: E731
+    return jax.tree_util.tree_map(lambda x: merged(x) if is_merged(x) else x, params, is_leaf=is_merged)
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

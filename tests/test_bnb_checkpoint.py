@@ -191,6 +191,24 @@ def test_requantizing_merge_equals_peft(quantized, quantization):
         np.testing.assert_allclose(logits_of(graphdef, merged, ids), theirs(ids).logits.numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quantization", ["nf4-double", "fp4"])
+def test_dense_merged_export_of_a_4bit_checkpoint(quantized, quantization, tmp_path):
+    """lorax.merge dequantizes every 4-bit weight, the adapted ones and the others, so save_merged
+    writes a dense checkpoint (without the source's quantization_config, which would make
+    transformers build 4-bit layers over dense weights): transformers loads it with the logits of
+    peft's unmerged QLoRA model, which computes with the same dequantized weights."""
+    graphdef, params, peft_model, _ = qlora_pair(quantized, quantization)
+    merged = lorax.merge(params)
+    assert not any(isinstance(leaf, lorax.Nf4Array) for leaf in jax.tree_util.tree_leaves(
+        merged, is_leaf=lambda x: isinstance(x, lorax.Nf4Array)))
+    interop.save_merged(tmp_path, graphdef, merged, progress=False)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = tokens()
+    with torch.no_grad():
+        np.testing.assert_allclose(reloaded(ids).logits.numpy(), peft_model(ids).logits.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_peft_counts_the_loaded_4bit_base(quantized):
     """Without adapters too: count_parameters of the loaded tree is peft's count of the bnb model
     (a 4-bit weight counts twice its packed bytes)."""

@@ -64,6 +64,23 @@ def test_save_merged_dtype_and_errors(tmp_path):
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
+def test_merged_save_keeps_the_generation_defaults(tmp_path):
+    """The checkpoint's generation_config.json (EOS ids, sampling defaults) is written with the
+    merged model, as peft's merge_and_unload().save_pretrained keeps it: transformers reads the same
+    generation config from both folders, and interop.generation_tokens the same tokens."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+    hf.generation_config = transformers.GenerationConfig(eos_token_id=[2, 3], do_sample=True, temperature=0.7,
+                                                         top_p=0.8, repetition_penalty=1.05)
+    hf.save_pretrained(tmp_path / "base")
+    graphdef, base = lorax.split(interop.from_pretrained(tmp_path / "base", progress=False))
+    interop.save_merged(tmp_path / "merged", graphdef, base, progress=False)
+    read = [transformers.GenerationConfig.from_pretrained(tmp_path / side).to_dict() for side in ("base", "merged")]
+    assert read[0] == read[1] and read[0]["eos_token_id"] == [2, 3] and read[0]["temperature"] == 0.7
+    assert interop.generation_tokens(tmp_path / "merged") == interop.generation_tokens(tmp_path / "base") == \
+        {"eos_token_id": (2, 3), "pad_token_id": 2}
+
+
 def test_interrupted_sharded_save_keeps_the_previous_one(tmp_path, monkeypatch):
     # Shards are written one at a time; a failure while writing the second one leaves the
     # previous save as it was and no temporary files behind.

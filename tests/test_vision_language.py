@@ -297,3 +297,20 @@ def test_generation_tokens_of_the_text_config(saved, tmp_path):
     ours = np.asarray(generate(*args, **kwargs, **found))
     np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
     assert not np.array_equal(ours, free)
+
+
+def test_merged_text_model_keeps_the_top_level_special_tokens(saved, tmp_path):
+    """A composite config.json may set its EOS at the top level, over text_config's; the merged
+    causal LM's config (text_config's fields) keeps the top level's, so that transformers reads the
+    same generation tokens from the merged folder as from the original (without generation_config.json)."""
+    shutil.copytree(saved["gemma3-untied"], tmp_path / "base", dirs_exist_ok=True)
+    (tmp_path / "base" / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config["eos_token_id"], config["text_config"]["eos_token_id"] = [1, 5], 1
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    graphdef, params = load(tmp_path / "base")
+    interop.save_merged(tmp_path / "merged", graphdef, params, progress=False)
+    read = [transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(tmp_path / side))
+            for side in ("base", "merged")]
+    assert read[0].eos_token_id == read[1].eos_token_id == [1, 5]
+    assert interop.generation_tokens(tmp_path / "merged") == interop.generation_tokens(tmp_path / "base")

@@ -185,6 +185,7 @@ def test_single_file_save_over_a_sharded_one_removes_its_shards(tmp_path):
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
     changed = jax.tree_util.tree_map(lambda x: x + 1, base)
     interop.save_merged(tmp_path / "out", graphdef, changed, progress=False)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "generation_config.json",
+                                                                  "model.safetensors", "notes.txt"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     np.testing.assert_array_equal(loaded.model.norm.weight.detach().numpy(), np.asarray(changed["model"]["norm"]["weight"]))

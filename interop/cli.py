@@ -9,6 +9,7 @@ Errors print one line (`lorax-jax: error: ...`) and exit with status 2.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +34,21 @@ def _config(args):
     return lorax.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                             target_modules=_targets(args.target_modules), task_type=args.task_type,
                             use_dora=args.use_dora, init_lora_weights=_init(args.init_lora_weights))
+
+
+def _positive(kind):
+    """An argparse type: a number of `kind` above zero (and finite), else argparse's one-line error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not (value > 0 and (kind is int or math.isfinite(value))):
+            raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 def _load(model_dir: str, dtype: str = "float32"):
@@ -145,9 +161,13 @@ def finetune(args) -> None:
     import interop
     import lorax
     from lorax.config import is_decomposition
+    from lorax.errors import LoraError
     from lorax.train import Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_train_step
 
     model, graphdef, base = _load(args.model, args.dtype)
+    if getattr(model, "output_head", None) is None:
+        raise LoraError(f"{args.model}: finetune trains causal language models (next-token loss), and this is a "
+                        f"{type(model).__name__}; train it with lorax.train and a loss of your own")
     data = _dataset(args.data, args.model, args.max_length, model.config.vocab_size)
     config = _config(args)
     quantize = lorax.QuantConfig(args.quantize, double_quant=True) if args.quantize else None
@@ -179,11 +199,14 @@ def merge(args) -> None:
     import interop
     import lorax
 
-    model, graphdef, base = _load(args.model)
+    model, graphdef, base = _load(args.model, args.dtype)
     params = interop.load_adapter(args.adapter, base, output_head=getattr(model, "output_head", None),
                                   moe_names=getattr(model, "moe_names", None))
     interop.save_merged(args.out, graphdef, lorax.merge(params))
     print(f"merged model written to {args.out} (transformers format)")
+
+
+DTYPES = ["float32", "bfloat16", "float16", "auto"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -212,22 +235,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help='JSONL: one {"text": ...} or {"input_ids": [...]} per line')
     p.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, logs/")
     lora_options(p, required=True)
-    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    p.add_argument("--accumulation-steps", type=int, default=1, help="gradient accumulation (default 1)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate sequences to this many tokens")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default 50)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--steps", type=_positive(int), default=100, help="training steps (default 100)")
+    p.add_argument("--batch-size", type=_positive(int), default=8, help="batch size (default 8)")
+    p.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--accumulation-steps", type=_positive(int), default=1, help="gradient accumulation (default 1)")
+    p.add_argument("--max-length", type=_positive(int), default=256, help="truncate sequences to this many tokens")
+    p.add_argument("--save-every", type=_positive(int), default=50, help="checkpoint every N steps (default 50)")
+    p.add_argument("--keep", type=_positive(int), default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="the base model's dtype and compute dtype (auto: the checkpoint's, as transformers' "
                         "default); adapters and optimizer state stay float32 (default float32)")
     p.add_argument("--quantize", choices=["nf4", "fp4"], default=None,
                    help="QLoRA: store the adapted base weights in 4 bits (double quantization, blocksize 64)")
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory)")
-    p.add_argument("--loss-chunk-size", type=int, default=None,
+    p.add_argument("--loss-chunk-size", type=_positive(int), default=None,
                    help="compute the output head and the loss this many positions at a time (less memory; "
                         "Llama-family and GPT-2 models)")
     p.set_defaults(run=finetune)
@@ -236,6 +259,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model folder")
     p.add_argument("--adapter", required=True, help="a peft LoRA adapter folder")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype to merge in and write (default auto: the checkpoint's own, as peft's merge keeps it)")
     p.set_defaults(run=merge)
     return top
 

@@ -77,6 +77,52 @@ def test_bad_input_is_one_line(model_dir, tmp_path, capsys):
     assert "the following arguments are required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--loss-chunk-size", "0"), ("--steps", "0"),
+                                        ("--accumulation-steps", "-1"), ("--lr", "nan"), ("--lr", "0"),
+                                        ("--save-every", "x")])
+def test_numbers_out_of_range_are_refused_by_argparse(model_dir, tmp_path, capsys, flag, value):
+    """Before, a batch size or loss chunk of 0 ended in ZeroDivisionError tracebacks, and a NaN
+    learning rate trained a NaN adapter with exit status 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(model_dir), "--data", "x.jsonl", "--out", str(tmp_path / "out"),
+              "--target-modules", "q_proj", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_refuses_a_model_without_a_language_model_head(tmp_path, capsys):
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=4, intermediate_size=37)).save_pretrained(tmp_path / "bert")
+    (tmp_path / "data.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
+    assert main(["finetune", "--model", str(tmp_path / "bert"), "--data", str(tmp_path / "data.jsonl"),
+                 "--out", str(tmp_path / "out"), "--target-modules", "query"]) == 2
+    err = re.split(r"[\r\n]", capsys.readouterr().err.strip())[-1]
+    assert err.startswith("lorax-jax: error: ") and "finetune trains causal language models" in err, err
+
+
+def test_merge_keeps_the_checkpoints_dtype(tmp_path):
+    """A bf16 checkpoint merges into a bf16 checkpoint, as peft's merge_and_unload keeps the model's
+    dtype (before: float32, twice the size); --dtype chooses another."""
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    theirs = peft_model.merge_and_unload()
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(ids).logits.float().numpy(), theirs(ids).logits.float().numpy(), atol=0.05)
+    assert main(["merge", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
+                 "--out", str(tmp_path / "fp32"), "--dtype", "float32"]) == 0
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+
+
 @pytest.mark.parametrize("lines,message", [
     (['{"input_ids": [1, 2, 64]}'], r"data.jsonl, line 1: token id 64 is outside the model's vocabulary \(0..63\)"),
     (['{"input_ids": [1, 2]}', '{"input_ids": [-1]}'], r"line 2: token id -1 is outside"),

@@ -8,6 +8,8 @@ faster than A. This is peft's `create_loraplus_optimizer` in optax, with the sam
 | B | lora B, DoRA magnitudes, other 1-D trained arrays | lr · loraplus_lr_ratio | loraplus_weight_decay |
 | B, no decay | trained biases | lr · loraplus_lr_ratio | 0 |
 
+Dims are the torch parameter's: a leaf of stacked layers (`model.layers.*`) has one more.
+
 One difference: peft (through transformers' `get_parameter_names`) also exempts the weights of
 torch `nn.LayerNorm` modules from decay; a parameter tree does not say which norm a 1-D weight
 belongs to, so a LayerNorm weight trained as a modules_to_save copy decays here (only with
@@ -25,7 +27,8 @@ import jax
 import optax
 
 from lorax.arrays import LoraArray, TrainableArray, is_adapter
-from lorax.targets import dotted
+from lorax.errors import LoraConfigError
+from lorax.targets import STACK, dotted
 from lorax.train import require_trainable
 
 A, B, B_NO_DECAY, EMBEDDING, FROZEN = "A", "B", "B_no_decay", "embedding", "frozen"
@@ -47,7 +50,9 @@ def loraplus_labels(params: Any) -> Any:
             return fields(leaf, lambda name, x: EMBEDDING if embedding and name in ("a", "b") else A if name == "a" else B)
         if isinstance(leaf, TrainableArray):
             bias = path.endswith(".bias")
-            return fields(leaf, lambda name, x: A if x.ndim != 1 else B_NO_DECAY if bias else B)
+            # peft's rule is on the torch parameter's dims: a leaf of stacked layers has one more.
+            stacked = STACK in path.split(".")
+            return fields(leaf, lambda name, x: A if x.ndim - stacked != 1 else B_NO_DECAY if bias else B)
         return jax.tree_util.tree_map(lambda _: FROZEN, leaf)
 
     return jax.tree_util.tree_map_with_path(group, params, is_leaf=is_adapter)
@@ -64,13 +69,22 @@ def loraplus_optimizer(params: Any, *, learning_rate: float, loraplus_lr_ratio: 
         params: the LoRA tree (or its trainable half).
         learning_rate: A's learning rate (peft's `lr`); a float or an optax schedule.
         loraplus_lr_ratio: B's learning rate over A's (peft suggests >= 1, e.g. 16).
-        loraplus_lr_embedding: the learning rate of adapted embeddings' A and B (peft's default 1e-6).
+        loraplus_lr_embedding: the learning rate of adapted embeddings' A and B (peft's default 1e-6);
+            with a `learning_rate` schedule, a schedule too where embeddings are adapted (a torch
+            scheduler scales every group, this one included; a constant would not be scheduled).
         loraplus_weight_decay: weight decay of every group but the biases (peft's default 0).
         optimizer: an optax optimizer taking `(learning_rate, weight_decay=..., **kwargs)`
             (optax.adamw, optax.lion, ...).
         kwargs: passed to `optimizer` (b1, b2, eps, ...).
     """
     require_trainable(params)
+    embeddings = EMBEDDING in jax.tree_util.tree_leaves(loraplus_labels(params))
+    if callable(learning_rate) and not callable(loraplus_lr_embedding) and embeddings:
+        raise LoraConfigError(
+            "learning_rate is a schedule but loraplus_lr_embedding a constant, and embeddings are adapted: their "
+            "rate would not follow the schedule (peft's groups under a torch scheduler all do). Give a schedule, "
+            "e.g. loraplus_lr_embedding=lambda step: 1e-6 * schedule(step) / peak_learning_rate"
+        )
     b_rate = (lambda step: learning_rate(step) * loraplus_lr_ratio) if callable(learning_rate) \
         else learning_rate * loraplus_lr_ratio
     groups = {

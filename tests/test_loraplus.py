@@ -91,3 +91,54 @@ def test_groups(torch_tiny):
     assert (embed.a, embed.b, embed.m) == (EMBEDDING, EMBEDDING, B)
     assert labels["lm_head"]["kernel"].value == A and labels["lm_head"]["kernel"].original == FROZEN
     assert labels["model"]["layers"][0]["mlp"]["up_proj"]["kernel"] == FROZEN
+
+
+def test_groups_of_stacked_layers_are_peft_groups(tmp_path):
+    """A model from interop.from_pretrained stores its layers stacked (`model.layers.*`): a stacked
+    bias is 2-D but one bias per layer, so it is in peft's no-decay B group (before: group A, at
+    1/16 of peft's rate and decayed), and a stacked norm copy in group B. Each leaf's rate and
+    decay are those of the group peft puts every layer's parameter in."""
+    import transformers
+
+    import interop
+
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    fields = dict(r=2, target_modules=["q_proj"], bias="lora_only", modules_to_save=["input_layernorm"])
+    params = lorax.lora(lorax.split(interop.from_pretrained(tmp_path, progress=False))[1], lorax.LoraConfig(**fields),
+                        key=jax.random.key(0))
+    peft_model = peft.get_peft_model(transformers.Qwen2ForCausalLM.from_pretrained(tmp_path), peft.LoraConfig(**fields))
+    torch_opt = create_loraplus_optimizer(peft_model, torch.optim.AdamW, lr=SETTINGS["learning_rate"],
+                                          loraplus_lr_ratio=SETTINGS["loraplus_lr_ratio"],
+                                          loraplus_lr_embedding=SETTINGS["loraplus_lr_embedding"],
+                                          loraplus_weight_decay=SETTINGS["loraplus_weight_decay"])
+    by_id = {id(p): (g["lr"], g["weight_decay"]) for g in torch_opt.param_groups for p in g["params"]}
+    theirs = {name: by_id[id(p)] for name, p in peft_model.named_parameters() if p.requires_grad}
+    ratio, decay = SETTINGS["loraplus_lr_ratio"], SETTINGS["loraplus_weight_decay"]
+    rates = {A: (SETTINGS["learning_rate"], decay), B: (SETTINGS["learning_rate"] * ratio, decay),
+             B_NO_DECAY: (SETTINGS["learning_rate"] * ratio, 0.0)}
+    labels = loraplus_labels(params)["model"]["layers"]["*"]
+    ours = {"self_attn.q_proj.lora_A.default.weight": labels["self_attn"]["q_proj"]["kernel"].a,
+            "self_attn.q_proj.lora_B.default.weight": labels["self_attn"]["q_proj"]["kernel"].b,
+            "self_attn.q_proj.base_layer.bias": labels["self_attn"]["q_proj"]["bias"].value,
+            "input_layernorm.modules_to_save.default.weight": labels["input_layernorm"]["weight"].value}
+    for layer in range(config.num_hidden_layers):
+        for name, label in ours.items():
+            assert rates[label] == pytest.approx(theirs[f"base_model.model.model.layers.{layer}.{name}"]), name
+    assert len(theirs) == len(ours) * config.num_hidden_layers
+
+
+def test_a_schedule_must_also_schedule_adapted_embeddings(torch_tiny):
+    """A torch scheduler scales every group, the embeddings' too; a constant embedding rate beside a
+    scheduled one would silently differ from that, so it is refused where embeddings are adapted."""
+    schedule = optax.linear_schedule(0.0, 2e-3, 4)
+    params = lorax.lora(torch_to_params(torch_tiny), lorax.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]),
+                        key=jax.random.key(0))
+    with pytest.raises(lorax.LoraConfigError, match="loraplus_lr_embedding a constant, and embeddings are adapted"):
+        lorax.loraplus_optimizer(params, learning_rate=schedule, loraplus_lr_ratio=16)
+    lorax.loraplus_optimizer(params, learning_rate=schedule, loraplus_lr_ratio=16,
+                             loraplus_lr_embedding=lambda step: 1e-6 * schedule(step) / 2e-3)
+    plain = lorax.lora(torch_to_params(torch_tiny), lorax.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(0))
+    lorax.loraplus_optimizer(plain, learning_rate=schedule, loraplus_lr_ratio=16)

@@ -75,11 +75,23 @@ def default_tx(learning_rate: float, total_steps: int, *, warmup_steps: int | No
     """AdamW with linear warmup then cosine decay, global-norm clipping, and optional gradient
     accumulation (optax.MultiSteps: one update every `accumulation_steps` calls). The learning
     rate is kept in the optimizer state (optax.inject_hyperparams), so the train step reports
-    the rate of each update and `fit` shows and logs it."""
+    the rate of each update and `fit` shows and logs it.
+
+    `total_steps` and `warmup_steps` count train-step calls, as `fit(steps=...)` does; with
+    accumulation the schedule advances once per update, so it spans total_steps //
+    accumulation_steps updates (warmup likewise), and its cosine ends with the run, as
+    transformers' get_cosine_schedule_with_warmup over the Trainer's optimizer steps does. The
+    accumulated gradient is the mean of the micro-batches' gradients, each micro-batch's mean loss
+    counting equally (transformers' Trainer weights them by their label tokens instead).
+    """
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise LoraError(f"accumulation_steps must be a positive integer, got {accumulation_steps!r}")
     warmup = warmup_steps if warmup_steps is not None else max(1, total_steps // 10)
+    updates = max(1, total_steps // accumulation_steps)
+    warmup = max(1, warmup // accumulation_steps) if warmup else 0
     # Warmup starts at lr/warmup, not 0: a first update with learning rate 0 would be wasted.
     schedule = optax.warmup_cosine_decay_schedule(learning_rate / max(warmup, 1), learning_rate, warmup,
-                                                  max(total_steps, warmup + 1))
+                                                  max(updates, warmup + 1))
     tx = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, weight_decay=weight_decay)
     if clip_norm is not None:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)

@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 import transformers
 
 import interop
 import lorax
-from lorax.train import (Checkpoints, TrainState, causal_lm_loss, default_tx, fit, make_eval_step,
+from lorax.train import (Checkpoints, TrainState, causal_lm_loss, default_tx, fit, learning_rate_of, make_eval_step,
                          make_train_step)
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -131,3 +132,33 @@ def test_train_state_leaves_the_callers_params_alone(tmp_path):
     make_train_step(graphdef, frozen, tx, causal_lm_loss)(state, {"input_ids": jnp.asarray(dataset()["input_ids"][:2])})
     lorax.merge(params)  # would raise "Array has been deleted" had the step consumed the caller's arrays
     jax.random.split(key)
+
+
+def test_accumulation_schedule_spans_the_updates_as_transformers_does():
+    """total_steps counts train-step calls; with accumulation_steps=k there are total_steps / k
+    updates, and the cosine spans them (before: it spanned total_steps updates, so the rate never
+    decayed). After warmup, each update's rate equals transformers' get_cosine_schedule_with_warmup
+    over the optimizer's steps (its warmup starts at 0, ours at lr / warmup)."""
+    calls, k, warmup_calls, lr = 16, 2, 4, 1e-2
+    tx = default_tx(lr, calls, warmup_steps=warmup_calls, accumulation_steps=k, clip_norm=None)
+    params = {"w": jnp.zeros(3)}
+    state, rates = tx.init(params), []
+    for call in range(calls):
+        _, state = tx.update({"w": jnp.ones(3)}, state, params)
+        if (call + 1) % k == 0:
+            rates.append(float(learning_rate_of(state)))
+    torch_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=lr)
+    scheduler = transformers.get_cosine_schedule_with_warmup(torch_opt, warmup_calls // k, calls // k)
+    theirs = []
+    for _ in range(calls // k):
+        theirs.append(scheduler.get_last_lr()[0])
+        torch_opt.step()
+        scheduler.step()
+    assert len(rates) == calls // k
+    np.testing.assert_allclose(rates[warmup_calls // k:], theirs[warmup_calls // k:], rtol=1e-5, atol=1e-9)
+    assert rates[-1] < 0.1 * lr  # decayed by the end of the run
+
+
+def test_accumulation_steps_must_be_positive():
+    with pytest.raises(lorax.LoraError, match="accumulation_steps must be a positive integer, got 0"):
+        default_tx(1e-3, 10, accumulation_steps=0)

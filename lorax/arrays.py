@@ -84,19 +84,26 @@ class LoraArray(quax.ArrayValue):
             return int(self.a.size + self.b.size)
         return sum(r * (d_in + d_out) for r in self.ranks)
 
-    def delta(self) -> jax.Array:
-        """`scale·a@b` in w's layout and dtype: the update that merging adds to w."""
+    def delta(self, dtype=None) -> jax.Array:
+        """`scale·a@b` in w's layout and in `dtype` (default w's): the update that merging adds to w."""
         scale = jnp.asarray(self.scale)[..., None, None]
-        return (scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
+        return (scale * jnp.matmul(self.a, self.b)).astype(dtype or self.w.dtype)
+
+    def base(self) -> jax.Array:
+        """w as a dense array: an implicit base (an NF4-quantized weight: QLoRA) dequantized."""
+        return self.w.materialise() if isinstance(self.w, quax.ArrayValue) else self.w
 
     def materialise(self) -> jax.Array:
-        # An implicit base (an NF4-quantized weight: QLoRA) is dequantized first.
-        w = self.w.materialise() if isinstance(self.w, quax.ArrayValue) else self.w
-        return lax.stop_gradient(w) + self.delta()
+        return lax.stop_gradient(self.base()) + self.delta()
 
     def merged(self) -> jax.Array:
-        """The weight the adapter stands for, as one dense array in w's dtype (what merging writes)."""
-        return self.materialise()
+        """The weight the adapter stands for, as one dense array in w's dtype (what merging writes):
+        the update added in the wider of the two dtypes and rounded once, as peft's merge of a
+        Linear (or a target parameter) adds its fp32 delta to a bf16 weight in place. (peft's
+        Embedding rounds the delta to the table's dtype first: `materialise`.)"""
+        w = self.base()
+        wide = jnp.promote_types(w.dtype, self.a.dtype)
+        return (w.astype(wide) + self.delta(wide)).astype(w.dtype)
 
     def unmerged(self, merged: jax.Array) -> jax.Array:
         """The base weight that `merged` holds beneath this adapter (the inverse of `merged`)."""
@@ -206,9 +213,9 @@ class ExpertLoraArray(LoraArray):
         experts = self.w.shape[-3]
         return experts * super().adapter_size()
 
-    def delta(self) -> jax.Array:
+    def delta(self, dtype=None) -> jax.Array:
         scale = jnp.asarray(self.scale)[..., None, None, None]
-        return (scale * jnp.matmul(self.a, self.b)).astype(self.w.dtype)
+        return (scale * jnp.matmul(self.a, self.b)).astype(dtype or self.w.dtype)
 
 
 class TrainableArray(quax.ArrayValue):

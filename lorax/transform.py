@@ -27,7 +27,7 @@ from lorax.config import LoraConfig, is_decomposition
 from lorax.decomposition import decompose_leaf
 from lorax.errors import LoraConfigError, LoraError, listing
 from lorax.nf4 import QUANT_TYPES, Nf4Array, QuantConfig, quantize_like
-from lorax.targets import (BIAS_LEAF, EXPERTS, PEFT_EMBEDDING_LAYER_NAMES, Target, dotted, is_value, modules,
+from lorax.targets import (BIAS_LEAF, EMBEDDING_LEAF, EXPERTS, PEFT_EMBEDDING_LAYER_NAMES, Target, dotted, is_value, modules,
                            saved_module_paths, select_targets, with_task_modules, with_tied_head)
 
 
@@ -280,16 +280,21 @@ def merge(params: Any, *, requantize: bool = False) -> Any:
         >>> type(small["model"]["layers"]["*"]["self_attn"]["q_proj"]["kernel"]).__name__
         'Nf4Array'
     """
-    def merged(leaf):
+    def merged(keypath, leaf):
         if isinstance(leaf, LoraArray):
-            weight = leaf.merged()
+            # peft's Embedding rounds the update to the table's dtype before adding it; its Linear adds
+            # it in fp32 and rounds once (LoraArray.merged). DoRA has its own merged().
+            embedding = dotted(keypath).endswith(f".{EMBEDDING_LEAF}") and type(leaf) is LoraArray
+            weight = leaf.materialise() if embedding else leaf.merged()
             return quantize_like(weight, leaf.w) if requantize and isinstance(leaf.w, Nf4Array) else weight
         if isinstance(leaf, Nf4Array):  # a 4-bit weight without adapter (a bitsandbytes 4-bit checkpoint's)
             return leaf if requantize else leaf.materialise()
-        return leaf.value
+        if isinstance(leaf, TrainableArray):
+            return leaf.value
+        return leaf
 
     is_merged = lambda x: is_adapter(x) or isinstance(x, Nf4Array)  # noqa: E731
-    return jax.tree_util.tree_map(lambda x: merged(x) if is_merged(x) else x, params, is_leaf=is_merged)
+    return jax.tree_util.tree_map_with_path(merged, params, is_leaf=is_merged)
 
 
 def unmerge(merged: Any, adapted: Any) -> Any:

@@ -68,6 +68,23 @@ def local_folder(path: str | os.PathLike) -> Path:
                               f"{error})") from None
 
 
+def read_json_object(path: Path, not_an_object: str) -> dict:
+    """The JSON object in the file at `path` (a config). A file that is not UTF-8 JSON is named;
+    one that holds another JSON value is named with `not_an_object`, a message in which {kind}
+    is that value's type.
+
+    >>> read_json_object(Path(path) / "config.json", "a JSON {kind}, not a model config")["model_type"]
+    'bert'
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: " + not_an_object.format(kind=type(value).__name__))
+    return value
+
+
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     """The weight files of a Hugging Face folder, in the order transformers prefers them."""
     return _weight_files(Path(folder))[1]

@@ -12,11 +12,10 @@ EOS token, and so do we.
 >>> generate(graphdef, params, input_ids, max_new_tokens=20, **tokens)   # doctest: +SKIP
 """
 
-import json
 import os
 from pathlib import Path
 
-from interop.checkpoint import CheckpointError, local_folder
+from interop.checkpoint import CheckpointError, local_folder, read_json_object
 from interop.hf import read_config
 
 # Where GenerationConfig.from_model_config looks when the top level leaves a token unset.
@@ -54,12 +53,7 @@ def generation_tokens(path: str | os.PathLike) -> dict:
     folder = local_folder(path)
     file = folder / "generation_config.json"
     if file.is_file():
-        try:
-            fields = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{file}: not valid JSON ({error})") from None
-        if not isinstance(fields, dict):
-            raise CheckpointError(f"{file}: a JSON {type(fields).__name__}, not a generation config")
+        fields = read_json_object(file, "a JSON {kind}, not a generation config")
         eos, pad = (_token_field(fields, name, file) for name in ("eos_token_id", "pad_token_id"))
     else:
         eos, pad = (_from_model_config(folder, name) for name in ("eos_token_id", "pad_token_id"))

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from interop.checkpoint import CheckpointError, count_tensors, leaf_at, local_folder, read_tensors
+from interop.checkpoint import CheckpointError, count_tensors, leaf_at, local_folder, read_json_object, read_tensors
 from interop.layout_copy import Copy, copy_all
 from interop.prequantized import QuantizedWeights, check_quantization
 from lorax.errors import LoraError, listing
@@ -297,13 +297,7 @@ def read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {folder}: from_pretrained needs a transformers model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: a JSON {type(config).__name__}, not a model config (an object of fields)")
-    return config
+    return read_json_object(path, "a JSON {kind}, not a model config (an object of fields)")
 
 
 def read_model_config(folder: Path, hf_config: dict, arch: Architecture, **fields):
@@ -325,9 +319,12 @@ def read_model_config(folder: Path, hf_config: dict, arch: Architecture, **field
         raise CheckpointError(f"{path}: these sizes must be positive integers: {bad}")
     # Numbers (eps, rope_theta, soft caps) are only used inside the jitted forward pass, where a
     # string ("1e-6") would fail far from the file.
-    wrong = {f.name: value for f in dataclasses.fields(config) if str(f.type) in ("<class 'float'>", "float | None")
-             and not (isinstance(value := getattr(config, f.name), (int, float)) and not isinstance(value, bool)
-                      or value is None and "None" in str(f.type))}
+    def is_number(value, optional: bool) -> bool:
+        return (optional and value is None) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    floats = {f.name: str(f.type) == "float | None" for f in dataclasses.fields(config)
+              if str(f.type) in ("<class 'float'>", "float | None")}
+    wrong = {name: getattr(config, name) for name, optional in floats.items() if not is_number(getattr(config, name), optional)}
     if wrong:
         raise CheckpointError(f"{path}: these fields must be numbers: {wrong}")
     return config

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from interop.checkpoint import CheckpointError, atomic_write, local_folder, read_safetensors, read_torch_bin
+from interop.checkpoint import (CheckpointError, atomic_write, local_folder, read_json_object, read_safetensors,
+                                read_torch_bin)
 from lorax.arrays import DoraArray, ExpertLoraArray, LoraArray, TrainableArray, is_adapter
 from lorax.config import LoraConfig
 from lorax.errors import LoraConfigError, LoraError, TargetError, listing
@@ -368,12 +369,7 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"no {ADAPTER_CONFIG} in {directory}: not a peft adapter folder")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: must hold a JSON object (peft's LoraConfig fields), not {type(raw).__name__}")
+    raw = read_json_object(path, "must hold a JSON object (peft's LoraConfig fields), not {kind}")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise LoraError(f"{path}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type 'LORA') load")

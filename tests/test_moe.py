@@ -295,20 +295,30 @@ def test_lora_on_the_experts_matches_peft(saved, variant, config, tmp_path):
     real = mask.numpy().astype(bool)
     ours = logits_of(graphdef, params, ids, mask)
     assert np.abs(ours - logits_of(graphdef, base, ids, mask))[real].max() > 1e-2, "the adapters must change the logits"
-
-    interop.save_adapter(tmp_path / "ours", params, lora_config)
+    loaded = exchange_adapter_files(variant, graphdef, base, params, lora_config, peft_model, family, tmp_path)
     with torch.no_grad():
-        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
-        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4, rtol=1e-4)
         theirs_merged = loaded.merge_and_unload()(ids, attention_mask=mask).logits.numpy()
     np.testing.assert_allclose(logits_of(graphdef, lorax.merge(params), ids, mask)[real], theirs_merged[real],
                                atol=1e-4, rtol=1e-4)
 
-    peft_model.save_pretrained(tmp_path / "theirs")
-    back = interop.load_adapter(tmp_path / "theirs", base, **family)
+
+def exchange_adapter_files(variant, graphdef, base, params, lora_config, peft_model, family, tmp_path):
+    """Our adapter file in PeftModel gives our logits, and peft's file in ours gives peft's
+    (padding excluded). Returns the PeftModel loaded from our file."""
+    ids, mask = tokens()
+    real = mask.numpy().astype(bool)
+    interop.save_adapter(tmp_path / "ours", params, lora_config)
     with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
+        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real],
+                                   logits_of(graphdef, params, ids, mask)[real], atol=1e-4, rtol=1e-4)
         theirs = peft_model(ids, attention_mask=mask).logits.numpy()
+    peft_model.save_pretrained(tmp_path / "theirs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # names peft ignores on this family (the test of those checks its warning)
+        back = interop.load_adapter(tmp_path / "theirs", base, **family)
     np.testing.assert_allclose(logits_of(graphdef, back, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+    return loaded
 
 
 OTHER_FAMILY_CASES = [
@@ -338,19 +348,7 @@ def test_the_other_familys_expert_names_adapt_nothing_as_in_peft(saved, variant,
                    for leaf in jax.tree_util.tree_leaves(params, is_leaf=lorax.is_adapter))
     peft_model = peft.get_peft_model(hf_model(variant), peft.LoraConfig(init_lora_weights=False, **config)).eval()
     assert lorax_line(params) == peft_line(peft_model)
-    ids, mask = tokens()
-    real = mask.numpy().astype(bool)
-    ours = logits_of(graphdef, params, ids, mask)
-    interop.save_adapter(tmp_path / "ours", params, lora_config)
-    with torch.no_grad():
-        loaded = peft.PeftModel.from_pretrained(hf_model(variant), tmp_path / "ours").eval()
-        np.testing.assert_allclose(loaded(ids, attention_mask=mask).logits.numpy()[real], ours[real], atol=1e-4, rtol=1e-4)
-        theirs = peft_model(ids, attention_mask=mask).logits.numpy()
-    peft_model.save_pretrained(tmp_path / "theirs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = interop.load_adapter(tmp_path / "theirs", base, **family)
-    np.testing.assert_allclose(logits_of(graphdef, back, ids, mask)[real], theirs[real], atol=1e-4, rtol=1e-4)
+    exchange_adapter_files(variant, graphdef, base, params, lora_config, peft_model, family, tmp_path)
 
 
 @pytest.mark.parametrize("config,error,match", [
